@@ -1,0 +1,225 @@
+"""The run directory: Parquet shards, manifests, fingerprints (DESIGN.md, "Run directory and re-runs").
+
+Layout of one step (a stage in one round) under `runs/<run>/`:
+
+    <step>/part-00000.parquet ...        the step's main table, read with pl.scan_parquet("<step>/*.parquet")
+    <step>/<table>/part-00000.parquet    a secondary table (e.g. curate/retry, ingest/quarantine)
+    <step>/config.yaml                   the resolved run config this step ran with
+    <step>/_manifest.json                written last: its presence means "done"
+
+Every shard is written to `.tmp-<name>` and renamed, so a killed run never leaves a partial file under
+a real name; the reader ignores dot-files. Shards are numbered in write order and a writer that resumes
+continues after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from pipeline.schema import SCHEMA_VERSIONS, conform
+
+MANIFEST = "_manifest.json"
+PROGRESS = "_progress.json"
+SHARD_GLOB = "part-*.parquet"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def stable_hash(*parts: Any, n: int = 16) -> str:
+    """Hex digest of JSON-serialised parts; the same inputs give the same id on every machine."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, bytes):
+            h.update(p)
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:n]
+
+
+def fingerprint(stage: str, step: str, stage_config: dict, upstream: dict[str, str], tables: Iterable[str]) -> str:
+    versions = {t: SCHEMA_VERSIONS.get(t, 0) for t in sorted(set(tables))}
+    return stable_hash(stage, step, stage_config, dict(sorted(upstream.items())), versions, n=24)
+
+
+def _arrow_metadata(table: str) -> dict[bytes, bytes]:
+    return {b"r1v.table": table.encode(), b"r1v.schema_version": str(SCHEMA_VERSIONS.get(table, 0)).encode()}
+
+
+class ShardWriter:
+    """Buffers rows of one table and writes numbered Parquet shards atomically.
+
+    `resume=True` keeps the shards already in `directory` and numbers new ones after them; otherwise
+    the directory's shards are removed first. Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        schema: pa.Schema,
+        table: str,
+        rows_per_shard: int = 50_000,
+        resume: bool = False,
+    ) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.table = table
+        self.schema = schema.with_metadata(_arrow_metadata(table))
+        self.rows_per_shard = rows_per_shard
+        self._buf: list[pa.Table] = []
+        self._buffered = 0
+        self.rows_written = 0
+        for tmp in self.dir.glob(".tmp-*"):
+            tmp.unlink()
+        existing = sorted(self.dir.glob(SHARD_GLOB))
+        if not resume:
+            for p in existing:
+                p.unlink()
+            existing = []
+        self._next = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 0
+        self.files: list[str] = [p.name for p in existing]
+
+    def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:
+        if isinstance(rows, list):
+            if not rows:
+                return
+            rows = pa.Table.from_pylist(rows, schema=self.schema.remove_metadata())
+        elif isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        if rows.num_rows == 0:
+            return
+        self._buf.append(conform(rows, self.schema))
+        self._buffered += rows.num_rows
+        if self._buffered >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        table = pa.concat_tables(self._buf).replace_schema_metadata(self.schema.metadata)
+        name = f"part-{self._next:05d}.parquet"
+        tmp = self.dir / f".tmp-{name}"
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, self.dir / name)
+        self.files.append(name)
+        self._next += 1
+        self.rows_written += table.num_rows
+        self._buf, self._buffered = [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def shard_files(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+def read_table(directory: Path, columns: list[str] | None = None) -> pa.Table:
+    """All complete shards of a table directory as one Arrow table (empty dirs give an empty table)."""
+    files = shard_files(directory)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards in {directory}")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
+
+
+def iter_batches(directory: Path, batch_size: int = 1024, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    for f in shard_files(directory):
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def count_rows(directory: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(directory))
+
+
+class Manifest(BaseModel):
+    """What a finished step did. Written last; `rows_in == kept + sum(dropped) + sum(quarantined)`."""
+
+    stage: str
+    step: str = ""
+    round: int = 0
+    fingerprint: str = ""
+    upstream: dict[str, str] = Field(default_factory=dict, description="input step -> its fingerprint")
+    rows_in: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict, description="drop reason -> rows")
+    quarantined: dict[str, int] = Field(default_factory=dict, description="quarantine reason -> rows")
+    outputs: dict[str, int] = Field(default_factory=dict, description="table -> rows written")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="stage-specific figures")
+    config: dict[str, Any] = Field(default_factory=dict, description="the resolved stage config")
+    started_at: float = 0.0
+    wall_s: float = 0.0
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def quarantine(self, reason: str, n: int = 1) -> None:
+        self.quarantined[reason] = self.quarantined.get(reason, 0) + n
+
+    def check_counts(self) -> None:
+        out = self.kept + sum(self.dropped.values()) + sum(self.quarantined.values())
+        if out != self.rows_in:
+            raise RuntimeError(
+                f"step {self.step!r}: counts do not add up: rows_in={self.rows_in} but kept={self.kept} "
+                f"+ dropped={self.dropped} + quarantined={self.quarantined} = {out}"
+            )
+
+    def write(self, directory: Path) -> None:
+        atomic_write_json(Path(directory) / MANIFEST, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest | None:
+        p = Path(directory) / MANIFEST
+        if not p.exists():
+            return None
+        return cls.model_validate_json(p.read_text())
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+
+    out = {"python": platform.python_version(), "pyarrow": pyarrow.__version__}
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:
+        pass
+    from pipeline import __version__
+
+    out["r1v"] = __version__
+    return out
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,244 @@
+"""The stage runner: expands a run config into steps, skips finished ones, runs the rest.
+
+A *step* is one stage in one round (`generate`, `generate-r1`, ...). Its fingerprint hashes the stage
+name, the resolved stage config, the fingerprints of its input steps and the table schema versions, so
+it is known before anything runs: `r1v status` can tell done / stale / missing without reading data.
+
+Re-runs: a step whose manifest carries the current fingerprint is skipped. `--stage S` re-runs S from
+its stored inputs, `--from S` re-runs S and every step after it, `--force` ignores fingerprints.
+A step killed mid-way leaves `_progress.json` with its fingerprint; if the next attempt has the same
+fingerprint the stage gets `ctx.resume=True` and may keep the complete shards it wrote (generation
+does); otherwise the step directory is cleared first.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import dump_yaml, stage_config_for_round
+from pipeline.rundir import (
+    MANIFEST,
+    PROGRESS,
+    Manifest,
+    ShardWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    fingerprint,
+    read_table,
+    shard_files,
+    versions,
+)
+from pipeline.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    name: str
+    stage: str
+    round: int
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _round_name(stage: str, r: int) -> str:
+    return stage if r == 0 else f"{stage}-r{r}"
+
+
+def plan(cfg: Any) -> list[Step]:
+    """The run's steps in execution order (the pipeline's DAG, flattened)."""
+    steps = [Step("ingest", "ingest", 0)]
+    problems = "ingest"
+    for stage in ("decontaminate", "assess", "caption"):
+        if stage in STAGES and getattr(cfg, stage, None) is not None:
+            steps.append(Step(stage, stage, 0, {"problems": [problems]}))
+            problems = stage
+    curated: list[str] = []
+    has = {s: s in STAGES and getattr(cfg, s, None) is not None for s in ("generate", "filter", "curate")}
+    for r in range(cfg.rounds.count if has["generate"] else 1):
+        gen = _round_name("generate", r)
+        if has["generate"]:
+            inputs = {"problems": [problems]}
+            if r > 0 and has["curate"]:
+                inputs["retry"] = [_round_name("curate", r - 1)]
+            steps.append(Step(gen, "generate", r, inputs))
+        if has["filter"]:
+            chains = [gen] if has["generate"] else []
+            steps.append(Step(_round_name("filter", r), "filter", r, {"chains": chains, "problems": [problems]}))
+        if has["curate"]:
+            up = _round_name("filter", r) if has["filter"] else gen
+            cur = _round_name("curate", r)
+            steps.append(Step(cur, "curate", r, {"chains": [up], "problems": [problems]}))
+            curated.append(cur)
+    extra_plan = getattr(STAGES.get("train") and STAGES["train"].load(), "plan_steps", None)
+    if extra_plan is not None and getattr(cfg, "train", None) is not None:
+        steps += extra_plan(cfg, problems=problems, curated=curated)
+    return steps
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run(cfg, ctx)` gets: where its inputs are, where to write, whether to resume."""
+
+    run_dir: Path
+    step: str
+    stage: str
+    round: int
+    out_dir: Path
+    inputs: dict[str, list[Path]]
+    run_config: Any
+    fingerprint: str
+    resume: bool = False
+
+    def input_dirs(self, role: str) -> list[Path]:
+        if role not in self.inputs:
+            raise KeyError(f"step {self.step!r} has no input {role!r} (has {sorted(self.inputs)})")
+        return self.inputs[role]
+
+    def read_input(self, role: str, table: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """An input step's main table (or its secondary `table`), all input steps concatenated."""
+        dirs = [d / table if table else d for d in self.input_dirs(role)]
+        parts = [read_table(d, columns) for d in dirs if shard_files(d)]
+        if not parts:
+            raise FileNotFoundError(f"step {self.step!r}: input {role!r} has no shards in {[str(d) for d in dirs]}")
+        return pa.concat_tables(parts, promote_options="default")
+
+    def writer(self, schema: pa.Schema, table: str, sub: str | None = None, rows_per_shard: int = 50_000) -> ShardWriter:
+        """A shard writer for the step's main table (sub=None) or a secondary table in `<step>/<sub>/`."""
+        d = self.out_dir / sub if sub else self.out_dir
+        return ShardWriter(d, schema, table, rows_per_shard=rows_per_shard, resume=self.resume)
+
+    def manifest(self) -> Manifest:
+        return Manifest(stage=self.stage, step=self.step, round=self.round)
+
+    def seed(self, *salt: Any) -> int:
+        from pipeline.rundir import stable_hash
+
+        return int(stable_hash(self.run_config.run.seed, self.step, *salt, n=8), 16)
+
+
+class Runner:
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.root) / cfg.run.name
+        self.steps = plan(cfg)
+        self.by_name = {s.name: s for s in self.steps}
+        self._fp: dict[str, str] = {}
+
+    def stage_config(self, step: Step) -> Any:
+        return stage_config_for_round(self.cfg, step.stage, step.round)
+
+    def upstream(self, step: Step) -> list[str]:
+        return [u for ups in step.inputs.values() for u in ups]
+
+    def fingerprint(self, step: Step) -> str:
+        if step.name not in self._fp:
+            mod = STAGES[step.stage].load()
+            scfg = self.stage_config(step)
+            data = scfg.model_dump(mode="json")
+            extra = getattr(mod, "fingerprint_extra", None)
+            if extra is not None:
+                data = {"config": data, "extra": extra(scfg)}
+            ups = {u: self.fingerprint(self.by_name[u]) for u in self.upstream(step)}
+            self._fp[step.name] = fingerprint(step.stage, step.name, data, ups, getattr(mod, "TABLES", ()))
+        return self._fp[step.name]
+
+    def state(self, step: Step) -> tuple[str, Manifest | None]:
+        m = Manifest.load(self.run_dir / step.name)
+        if m is None:
+            return ("missing", None)
+        return ("done" if m.fingerprint == self.fingerprint(step) else "stale", m)
+
+    def select(self, stage: str | None, from_: str | None) -> list[Step]:
+        def match(s: Step, key: str) -> bool:
+            return s.name == key or s.stage == key
+
+        for key in (stage, from_):
+            if key is not None and not any(match(s, key) for s in self.steps):
+                known = ", ".join(s.name for s in self.steps)
+                raise ValueError(f"no step or stage {key!r} in this run's plan (steps: {known})")
+        if stage is not None:
+            return [s for s in self.steps if match(s, stage)]
+        if from_ is not None:
+            first = next(i for i, s in enumerate(self.steps) if match(s, from_))
+            return self.steps[first:]
+        return []
+
+    def run(self, stage: str | None = None, from_: str | None = None, force: bool = False) -> dict[str, Manifest]:
+        from pipeline.ray_utils import init_ray
+
+        forced = {s.name for s in self.select(stage, from_)}
+        todo = [s for s in self.steps if s.name in forced] if stage is not None else self.steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
+        results: dict[str, Manifest] = {}
+        ray_started = False
+        for step in todo:
+            state, m = self.state(step)
+            if state == "done" and not force and step.name not in forced:
+                log.info("step %s: done (fingerprint %s), skipped", step.name, m.fingerprint)
+                results[step.name] = m
+                continue
+            for up in self.upstream(step):
+                up_state, _ = self.state(self.by_name[up])
+                if up_state != "done":
+                    raise RuntimeError(
+                        f"step {step.name!r} needs {up!r}, which is {up_state}: run it first "
+                        f"(r1v run CONFIG --from {up})"
+                    )
+            if not ray_started:
+                init_ray(self.cfg.ray)
+                ray_started = True
+            results[step.name] = self._run_step(step)
+        return results
+
+    def _run_step(self, step: Step) -> Manifest:
+        out = self.run_dir / step.name
+        fp = self.fingerprint(step)
+        progress = out / PROGRESS
+        resume = False
+        if progress.exists():
+            import json
+
+            resume = json.loads(progress.read_text()).get("fingerprint") == fp
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        atomic_write_json(progress, {"fingerprint": fp, "started_at": time.time()})
+        scfg = self.stage_config(step)
+        ctx = StageContext(
+            run_dir=self.run_dir,
+            step=step.name,
+            stage=step.stage,
+            round=step.round,
+            out_dir=out,
+            inputs={role: [self.run_dir / u for u in ups] for role, ups in step.inputs.items()},
+            run_config=self.cfg,
+            fingerprint=fp,
+            resume=resume,
+        )
+        log.info("step %s: running%s (fingerprint %s)", step.name, " (resuming)" if resume else "", fp)
+        t0 = time.time()
+        m = STAGES[step.stage].load().run(scfg, ctx)
+        m.stage, m.step, m.round = step.stage, step.name, step.round
+        m.fingerprint = fp
+        m.upstream = {u: self.fingerprint(self.by_name[u]) for u in self.upstream(step)}
+        m.config = scfg.model_dump(mode="json")
+        m.started_at, m.wall_s = t0, round(time.time() - t0, 3)
+        m.versions = versions()
+        m.check_counts()
+        atomic_write_bytes(out / "config.yaml", dump_yaml(self.cfg).encode())
+        m.write(out)
+        progress.unlink(missing_ok=True)
+        dropped = f", dropped {m.dropped}" if m.dropped else ""
+        quar = f", quarantined {m.quarantined}" if m.quarantined else ""
+        log.info("step %s: done in %.1fs: %d in, %d kept%s%s", step.name, m.wall_s, m.rows_in, m.kept, dropped, quar)
+        return m

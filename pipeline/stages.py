@@ -1,0 +1,30 @@
+"""The stage registry: every pipeline stage, in pipeline order, in one explicit dict.
+
+A stage module defines `<Stage>Config` (a `pipeline.config.StageConfig`), `run(cfg, ctx) -> Manifest`,
+and `TABLES` (the table names it writes, for fingerprints). It may define
+`fingerprint_extra(cfg) -> dict` for inputs outside the run directory (e.g. source file stats).
+Stage modules import only light modules at the top; torch, transformers and vLLM load inside `run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str
+    config: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def config_class(self) -> type:
+        return getattr(self.load(), self.config)
+
+
+STAGES: dict[str, StageSpec] = {
+    "ingest": StageSpec("pipeline.ingest", "IngestConfig"),
+}
