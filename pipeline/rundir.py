@@ -90,6 +90,7 @@ class ShardWriter:
         self.schema = schema.with_metadata(_arrow_metadata(table))
         self.rows_per_shard = rows_per_shard
         self._buf: list[pa.Table] = []
+        self._pending: list[dict] = []
         self._buffered = 0
         self.rows_written = 0
         for tmp in self.dir.glob(".tmp-*"):
@@ -103,11 +104,13 @@ class ShardWriter:
         self.files: list[str] = [p.name for p in existing]
 
     def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:
+        """Append rows: an Arrow table/batch, or a list of dicts (converted in blocks of 1,024)."""
         if isinstance(rows, list):
-            if not rows:
-                return
-            rows = pa.Table.from_pylist(rows, schema=self.schema.remove_metadata())
-        elif isinstance(rows, pa.RecordBatch):
+            self._pending.extend(rows)
+            if len(self._pending) >= 1024:
+                self._convert_pending()
+            return
+        if isinstance(rows, pa.RecordBatch):
             rows = pa.Table.from_batches([rows])
         if rows.num_rows == 0:
             return
@@ -116,7 +119,13 @@ class ShardWriter:
         if self._buffered >= self.rows_per_shard:
             self.flush()
 
+    def _convert_pending(self) -> None:
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self.write(pa.Table.from_pylist(rows, schema=self.schema.remove_metadata()))
+
     def flush(self) -> None:
+        self._convert_pending()
         if not self._buffered:
             return
         table = pa.concat_tables(self._buf).replace_schema_metadata(self.schema.metadata)

@@ -35,6 +35,7 @@ PROBLEMS = pa.schema(
         pa.field("images", IMAGES),
         pa.field("answer", pa.string(), nullable=False),
         pa.field("choices", pa.list_(pa.string())),
+        pa.field("answer_text", pa.string()),  # a choice gold's option text
         pa.field("answer_type", pa.string(), nullable=False),
         pa.field("source", pa.string()),
         pa.field("subject", pa.string()),

@@ -1,0 +1,432 @@
+"""Ingest: HF datasets (`save_to_disk`), Parquet, JSONL (+ image files) or synthetic problems → `problems`.
+
+    r1v run configs/demo.yaml --stage ingest
+    r1v run configs/mathv.yaml --stage ingest ingest.limit=50
+
+Per row: images are read and fully decoded once (corrupt or missing files are quarantined with the
+reason, never passed on), stored as bytes with format/width/height; the gold answer and multiple-choice
+options are normalised (a letter gold keeps its option text in `answer_text`); `problem_id` is a stable
+hash of question + image bytes + answer, so exact duplicates (also across sources) are removed and
+counted. Rows without an answer, unreadable JSON lines and unreadable records are quarantined into
+`ingest/quarantine/` with the file and line they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.images import ImageError, image_record
+from pipeline.rundir import Manifest, stable_hash
+from pipeline.schema import PROBLEMS, QUARANTINE
+
+log = logging.getLogger(__name__)
+TABLES = ("problems", "quarantine")
+
+
+class IngestError(RuntimeError):
+    """A source that cannot be ingested at all (missing file, every row bad)."""
+
+
+class ColumnMap(StageConfig):
+    """Names of the source's columns (JSONL keys / Parquet / HF columns)."""
+
+    id: str | None = Field("id", description="source row id, kept in source_ref (optional)")
+    question: str = "question"
+    answer: str = "answer"
+    images: str | None = Field("images", description="image path(s) relative to the file, bytes, or HF Image")
+    choices: str | None = Field("choices", description="list of option texts (optional)")
+    answer_text: str | None = Field(None, description="option text of the gold choice (optional)")
+    answer_type: str | None = "answer_type"
+    subject: str | None = "subject"
+    difficulty: str | None = "difficulty"
+
+
+class SyntheticConfig(StageConfig):
+    n: int = Field(200, ge=1, description="problems to draw")
+    seed: int = Field(0, description="the same seed always gives the same problems")
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    kinds: list[str] = Field(default_factory=list, description="subset of pipeline.synthetic.KINDS; empty = all")
+
+
+class SourceConfig(StageConfig):
+    kind: Literal["jsonl", "parquet", "hf", "synthetic"] = Field(description="source format")
+    path: str | None = Field(None, description="file or directory (not for synthetic)")
+    name: str | None = Field(None, description="label written to the `source` column (default: file stem)")
+    split: str | None = Field(None, description="split of an HF DatasetDict")
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    limit: int | None = Field(None, ge=1, description="read at most this many rows of this source")
+    synthetic: SyntheticConfig | None = None
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "synthetic":
+            return "synthetic"
+        return Path(self.path or "").stem or "source"
+
+
+class IngestConfig(StageConfig):
+    sources: list[SourceConfig] = Field(min_length=1, description="problem sources, read in order")
+    limit: int | None = Field(None, ge=1, description="stop after this many rows in total")
+    dedupe: bool = Field(True, description="drop exact duplicates (same problem_id)")
+    image_threads: int = Field(4, ge=1, description="threads decoding images (PIL releases the GIL)")
+    rows_per_shard: int = Field(5000, ge=1)
+
+
+def fingerprint_extra(cfg: IngestConfig) -> dict:
+    """Source files' sizes and mtimes, so an edited input re-runs ingest."""
+    out = {}
+    for s in cfg.sources:
+        if s.path:
+            p = Path(s.path)
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+            out[s.path] = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files[:2000]]
+    return out
+
+
+def preflight(cfg: IngestConfig) -> list[str]:
+    """Problems found without reading any data (used by `r1v validate` and before a run)."""
+    problems = []
+    for i, s in enumerate(cfg.sources):
+        key = f"ingest.sources.{i}"
+        if s.kind == "synthetic":
+            if s.path:
+                problems.append(f"{key}.path: synthetic sources take no path (got {s.path!r})")
+            continue
+        if not s.path:
+            problems.append(f"{key}.path: required for kind {s.kind!r}")
+        elif not Path(s.path).exists():
+            problems.append(f"{key}.path: file not found: {s.path}")
+    return problems
+
+
+# ---------------------------------------------------------------- normalisation
+
+_BOXED = re.compile(r"^\\boxed\{(.*)\}$", re.S)
+_LETTER = re.compile(r"^\(?([A-Ha-h])\)?[.:]?$")
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$", re.I)
+_OPTION_PREFIX = re.compile(r"^\(?([A-H])[).:]\s*")
+
+
+def normalise_answer(raw: Any) -> str | None:
+    """A gold answer as a clean string, or None when there is none."""
+    if raw is None:
+        return None
+    if isinstance(raw, (list, tuple)):
+        raw = ", ".join(str(x) for x in raw)
+    s = str(raw).strip()
+    if s.startswith("$") and s.endswith("$") and len(s) > 1:
+        s = s.strip("$").strip()
+    m = _BOXED.match(s)
+    if m:
+        s = m.group(1).strip()
+    s = s.rstrip(".").strip()
+    return s or None
+
+
+def normalise_choices(raw: Any) -> list[str] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raw = [x for x in re.split(r"\n+", raw) if x.strip()]
+    if isinstance(raw, dict):
+        raw = [raw[k] for k in sorted(raw)]
+    out = [_OPTION_PREFIX.sub("", str(c).strip()) for c in raw]
+    return out or None
+
+
+def infer_answer_type(answer: str, choices: list[str] | None) -> str:
+    if choices and _LETTER.match(answer):
+        return "choice"
+    a = answer.replace(" ", "")
+    if _NUMBER.match(a.replace(",", "")) or re.fullmatch(r"-?\\[dt]?frac\{\d+\}\{\d+\}", a):
+        return "number"
+    if "\\begin{" in a and "matrix" in a:
+        return "matrix"
+    if re.fullmatch(r"[\(\[].*,.*[\)\]]", a) and ("infty" in a or a[0] != a[-1]) and (a[0] == "[" or a[-1] == "]" or "infty" in a):
+        return "interval"
+    if re.fullmatch(r"\\\{.*\\\}", a) or re.fullmatch(r"\{.*,.*\}", a):
+        return "set"
+    if re.fullmatch(r"\(.*,.*\)", a):
+        return "tuple"
+    if re.search(r"[\\^=+\-*/]|\d", a):
+        return "expression"
+    return "text"
+
+
+def _choice_fields(answer: str, choices: list[str] | None, answer_text: str | None) -> tuple[str, str | None]:
+    """(answer, answer_text): a letter gold keeps its option text; an option-text gold becomes its letter."""
+    if not choices:
+        return answer, answer_text
+    m = _LETTER.match(answer)
+    if m:
+        idx = ord(m.group(1).upper()) - ord("A")
+        text = answer_text or (choices[idx] if idx < len(choices) else None)
+        return m.group(1).upper(), text
+    for i, c in enumerate(choices):
+        if c.strip().lower() == answer.strip().lower():
+            return chr(ord("A") + i), c
+    return answer, answer_text
+
+
+# ---------------------------------------------------------------- readers
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason, self.error = reason, error
+
+
+def _iter_jsonl(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+    path = Path(src.path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            ref = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield ref, _Bad("bad_json", f"{ref}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield ref, _Bad("bad_json", f"{ref}: a JSON object per line is required, got {type(row).__name__}")
+                continue
+            yield ref, row
+
+
+def _iter_parquet(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+    import pyarrow.parquet as pq
+
+    p = Path(src.path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    for f in files:
+        i = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=512):
+            for row in batch.to_pylist():
+                yield f"{f}#{i}", row
+                i += 1
+
+
+def _iter_hf(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+    import datasets
+
+    ds = datasets.load_from_disk(src.path)
+    if isinstance(ds, datasets.DatasetDict):
+        split = src.split or next(iter(ds))
+        if split not in ds:
+            raise IngestError(f"{src.path}: no split {split!r} (has {list(ds)})")
+        ds = ds[split]
+    for col, feat in ds.features.items():
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(feat, datasets.Sequence | datasets.List) and isinstance(getattr(feat, "feature", None), datasets.Image):
+            ds = ds.cast_column(col, datasets.Sequence(datasets.Image(decode=False)))
+    for i, row in enumerate(ds):
+        yield f"{src.path}#{i}", row
+
+
+def _iter_synthetic(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+    from pipeline.synthetic import KINDS, make_problem
+
+    sc = src.synthetic or SyntheticConfig()
+    kinds = tuple(sc.kinds) if sc.kinds else KINDS
+    for k in kinds:
+        if k not in KINDS:
+            raise IngestError(f"ingest synthetic.kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    for i in range(sc.n):
+        yield f"synthetic:{sc.seed}:{i}", make_problem(sc.seed, i, kinds, tuple(sc.levels))
+
+
+_READERS = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf, "synthetic": _iter_synthetic}
+
+
+def _load_images(value: Any, base: Path | None, ref: str) -> list[dict]:
+    """Image structs from paths (relative to the source file), raw bytes, or {bytes, path} dicts."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for j, item in enumerate(items):
+        where = f"{ref} image {j}"
+        if isinstance(item, dict) and item.get("bytes") is not None and "width" in item and "format" in item:
+            data = item["bytes"]
+        elif isinstance(item, dict) and item.get("bytes") is not None:
+            data = item["bytes"]
+        elif isinstance(item, (bytes, bytearray)):
+            data = bytes(item)
+        else:
+            path = item.get("path") if isinstance(item, dict) else item
+            if not path:
+                raise _Bad("missing_image", f"{where}: no image bytes or path")
+            p = Path(path)
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise _Bad("missing_image", f"{where}: cannot read {p}: {e.strerror}") from e
+            where = f"{where} ({p})"
+        try:
+            out.append(image_record(data, where))
+        except ImageError as e:
+            raise _Bad("corrupt_image", str(e)) from e
+    return out
+
+
+def _get(row: dict, key: str | None) -> Any:
+    return row.get(key) if key else None
+
+
+def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None) -> dict:
+    c = src.columns
+    question = _get(row, c.question)
+    if not isinstance(question, str) or not question.strip():
+        raise _Bad("missing_question", f"{ref}: no question in column {c.question!r}")
+    answer = normalise_answer(_get(row, c.answer))
+    if answer is None:
+        raise _Bad("missing_answer", f"{ref}: no answer in column {c.answer!r}")
+    choices = normalise_choices(_get(row, c.choices))
+    answer, answer_text = _choice_fields(answer, choices, _get(row, c.answer_text))
+    images = _load_images(_get(row, c.images), base, ref)
+    atype = _get(row, c.answer_type)
+    if atype not in ("number", "expression", "interval", "set", "tuple", "matrix", "choice", "text"):
+        atype = infer_answer_type(answer, choices)
+    diff = _get(row, c.difficulty)
+    try:
+        diff = int(diff) if diff is not None else None
+    except (TypeError, ValueError):
+        diff = None
+    question = question.strip()
+    pid = stable_hash(question, [stable_hash(im["bytes"]) for im in images], answer)
+    needs = row.get("needs_image")
+    return {
+        "problem_id": pid,
+        "question": question,
+        "images": images,
+        "answer": answer,
+        "choices": choices,
+        "answer_text": answer_text,
+        "answer_type": atype,
+        "source": src.label(),
+        "subject": _get(row, c.subject),
+        "difficulty": diff,
+        "needs_image": bool(needs) if needs is not None else (bool(images) or None),
+        "source_ref": f"{ref} id={row.get(c.id)}" if c.id and row.get(c.id) is not None else ref,
+    }
+
+
+def _quarantine_row(src: SourceConfig, ref: str, bad: _Bad, row: dict | None) -> dict:
+    def _jsonable(v: Any) -> Any:
+        return f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else v
+
+    row_json = None
+    if row is not None:
+        row_json = json.dumps({k: _jsonable(v) for k, v in row.items() if not isinstance(v, (list, dict))}, default=str)
+    return {"source": src.label(), "source_ref": ref, "reason": bad.reason, "error": bad.error, "row_json": row_json}
+
+
+def load_sources(
+    sources: list[SourceConfig], limit: int | None = None, dedupe: bool = True, threads: int = 4
+) -> Iterator[tuple[str, dict]]:
+    """Yield ("problem", row) / ("quarantine", row) / ("duplicate", row) for every row read.
+
+    The one place that reads sources: the ingest stage and evaluate's eval sets both use it.
+    Raises IngestError at once for a missing file.
+    """
+    seen: set[str] = set()
+    total = 0
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for i, src in enumerate(sources):
+            if src.kind != "synthetic" and (not src.path or not Path(src.path).exists()):
+                raise IngestError(f"ingest.sources.{i}.path: file not found: {src.path}")
+            base = Path(src.path).parent if src.path and Path(src.path).is_file() else (Path(src.path) if src.path else None)
+            n_src = 0
+            window: list = []
+
+            def drain(window: list) -> Iterator[tuple[str, dict]]:
+                for ref, raw, fut in window:
+                    try:
+                        yield "ok", fut.result()
+                    except _Bad as bad:
+                        yield "quarantine", _quarantine_row(src, ref, bad, raw)
+
+            for ref, raw in _READERS[src.kind](src):
+                if (src.limit and n_src >= src.limit) or (limit and total >= limit):
+                    break
+                n_src += 1
+                total += 1
+                if isinstance(raw, _Bad):
+                    window.append((ref, None, _failed(pool, raw)))
+                else:
+                    window.append((ref, raw, pool.submit(_to_problem, raw, src, ref, base)))
+                if len(window) >= 64:
+                    yield from _dedupe(drain(window), seen, dedupe)
+                    window = []
+            yield from _dedupe(drain(window), seen, dedupe)
+
+
+def _failed(pool: ThreadPoolExecutor, bad: _Bad):
+    def _raise() -> None:
+        raise bad
+
+    return pool.submit(_raise)
+
+
+def _dedupe(items: Iterator[tuple[str, dict]], seen: set[str], dedupe: bool) -> Iterator[tuple[str, dict]]:
+    for kind, row in items:
+        if kind == "ok":
+            if dedupe and row["problem_id"] in seen:
+                yield "duplicate", row
+                continue
+            seen.add(row["problem_id"])
+            yield "problem", row
+        else:
+            yield kind, row
+
+
+def run(cfg: IngestConfig, ctx) -> Manifest:
+    problems = preflight(cfg)
+    if problems:
+        raise IngestError("; ".join(problems))
+    m = ctx.manifest()
+    per_source: dict[str, dict[str, int]] = {}
+    with ctx.writer(PROBLEMS, "problems", rows_per_shard=cfg.rows_per_shard) as out, ctx.writer(
+        QUARANTINE, "quarantine", sub="quarantine"
+    ) as quar:
+        for kind, row in load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads):
+            m.rows_in += 1
+            stats = per_source.setdefault(row["source"], {"rows": 0, "kept": 0})
+            stats["rows"] += 1
+            if kind == "problem":
+                out.write([row])
+                m.kept += 1
+                stats["kept"] += 1
+            elif kind == "duplicate":
+                m.drop("duplicate")
+            else:
+                quar.write([row])
+                m.quarantine(row["reason"])
+                log.warning("quarantined %s", row["error"])
+    m.outputs = {"problems": m.kept, "quarantine": sum(m.quarantined.values())}
+    m.metrics["per_source"] = per_source
+    if m.kept == 0:
+        raise IngestError(
+            f"ingest: none of the {m.rows_in} rows read is usable (quarantined: {m.quarantined}, "
+            f"dropped: {m.dropped}); see {ctx.out_dir / 'quarantine'}"
+        )
+    return m
