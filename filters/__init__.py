@@ -1,0 +1,1 @@
+"""Problem assessment, chain verification, redundancy scoring and curation (the `filters` package)."""
