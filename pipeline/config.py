@@ -55,16 +55,24 @@ class RoundsConfig(StageConfig):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c=value` in nested dicts/lists (integer keys index lists)."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.get(k)
-        if child is None:
-            child = node[k] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError("command line", [f"{dotted}: {k!r} is a value, not a section"])
-        node = child
-    node[keys[-1]] = value
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError("command line", [f"{dotted}: {k!r} is not an index of a list of {len(node)}"])
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError("command line", [f"{dotted}: {keys[i - 1]!r} is a value, not a section"])
+        if last:
+            node[k] = value
+        else:
+            child = node[k] if isinstance(node, list) else node.get(k)
+            if child is None:
+                child = node[k] = {}
+            node = child
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
