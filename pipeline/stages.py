@@ -27,4 +27,7 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("pipeline.ingest", "IngestConfig"),
+    "decontaminate": StageSpec("filters.decontaminate", "DecontaminateConfig"),
+    "assess": StageSpec("filters.assess", "AssessConfig"),
+    "curate": StageSpec("filters.curate", "CurateConfig"),
 }
