@@ -1,0 +1,187 @@
+"""Tiny random checkpoints for offline demos and tests (never for real training).
+
+    python -c "from trainers.tiny import build_tiny_checkpoints; print(build_tiny_checkpoints('/tmp/tiny'))"
+
+Builds, with `save_pretrained`, so everything downstream goes through the real `from_pretrained` path:
+- `vision/`: a SigLIP vision encoder (hidden 64, 32x32 images, 8x8 patches -> 16 image tokens) with
+  its image processor;
+- `llm/`: a Qwen2 causal LM (hidden 64, 2 layers) with a byte-level BPE tokenizer trained on the fly
+  on a small built-in corpus (ChatML, `<think>`, `<image>` and InternVL's image tokens are special);
+- `internvit/` (only with `internvit=True`): an InternViT-style encoder (`internvl_vision`) for the
+  InternVL layout (LayerNorm + pixel-shuffle projector, dynamic tiling).
+
+Variants for mismatch tests: `build_tiny_llm(out, seed, arch="llama" | hidden_size=96 | corpus_salt=...)`.
+Everything is seeded, so the same seed gives bit-identical checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<image>",
+    "<think>",
+    "</think>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+]
+# Qwen pads its embedding matrix past the tokenizer; the tiny LLM does the same so that adding a
+# token (the image placeholder) is tested without a resize.
+TINY_VOCAB_ROWS = 512
+TINY_HIDDEN = 64
+TINY_IMAGE = 32
+TINY_PATCH = 8
+
+_WORDS = (
+    "the a an of to is are and or if then so we find let solve compute answer question image figure shows "
+    "triangle circle square angle side length area perimeter radius diameter point line segment equal "
+    "sum product difference ratio number value total each how many what which correct option choose "
+    "therefore hence because since wait check again first second third next finally result final "
+    "think reasoning step count add subtract multiply divide degrees units cm meters red blue green "
+    "left right top bottom above below larger smaller greater less than x y z n k m"
+).split()
+_MATH = r"0 1 2 3 4 5 6 7 8 9 10 12 15 20 25 30 45 60 90 100 180 360 + - * / = ( ) [ ] \{ \} ^ _ , . : ; ? ! $ \frac \sqrt \pi \cdot \times \boxed{ } A B C D E (A) (B) (C) (D)".split()
+
+
+def _corpus(salt: int) -> list[str]:
+    import random
+
+    rng = random.Random(1234 + salt)
+    lines = []
+    for _ in range(600):
+        words = [rng.choice(_WORDS if rng.random() < 0.7 else _MATH) for _ in range(rng.randint(4, 16))]
+        lines.append(" ".join(words))
+    return lines
+
+
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 400, salt: int = 0):
+    """Train a byte-level BPE tokenizer on the built-in corpus and save it as a fast HF tokenizer.
+
+    Byte-level, so any text (LaTeX, unicode) encodes without unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(salt), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def build_tiny_llm(
+    out_dir: str | Path,
+    seed: int = 0,
+    arch: str = "qwen2",
+    hidden_size: int = TINY_HIDDEN,
+    vocab_rows: int = TINY_VOCAB_ROWS,
+    corpus_salt: int = 0,
+) -> Path:
+    """A tiny random causal LM (`qwen2` or `llama`) plus its trained tokenizer, saved to `out_dir`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    tok = train_tokenizer(out, salt=corpus_salt)
+    if len(tok) > vocab_rows:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than vocab_rows={vocab_rows}")
+    common = dict(
+        vocab_size=vocab_rows,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch={arch!r}: tiny LLMs exist for {sorted(classes)}")
+    cfg_cls, model_cls = classes[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**common)).to(torch.float32)
+    model.save_pretrained(str(out))
+    return out
+
+
+def build_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random SigLIP vision encoder with its image processor, saved to `out_dir`."""
+    import torch
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    out = Path(out_dir)
+    cfg = SiglipVisionConfig(
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=2 * TINY_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE,
+        patch_size=TINY_PATCH,
+    )
+    torch.manual_seed(seed)
+    SiglipVisionModel(cfg).to(torch.float32).save_pretrained(str(out))
+    SiglipImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE}).save_pretrained(str(out))
+    return out
+
+
+def build_tiny_internvit(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random InternViT-style encoder (`internvl_vision`) with a tiling image processor."""
+    import torch
+    from transformers import GotOcr2ImageProcessorPil, InternVLVisionConfig, InternVLVisionModel
+
+    out = Path(out_dir)
+    cfg = InternVLVisionConfig(
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=2 * TINY_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE,
+        patch_size=TINY_PATCH,
+    )
+    torch.manual_seed(seed)
+    InternVLVisionModel(cfg).to(torch.float32).save_pretrained(str(out))
+    GotOcr2ImageProcessorPil(
+        size={"height": TINY_IMAGE, "width": TINY_IMAGE}, crop_to_patches=True, min_patches=1, max_patches=4
+    ).save_pretrained(str(out))
+    return out
+
+
+def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, internvit: bool = False) -> dict[str, Path]:
+    """Build the tiny encoder(s) and LLM under `out_dir`; returns {"vision", "llm"[, "internvit"]} paths.
+
+    For offline demos and tests only: the weights are random.
+    """
+    out = Path(out_dir)
+    paths = {
+        "vision": build_tiny_siglip(out / "vision", seed),
+        "llm": build_tiny_llm(out / "llm", seed),
+    }
+    if internvit:
+        paths["internvit"] = build_tiny_internvit(out / "internvit", seed)
+    log.info("tiny random checkpoints (offline demo/test only) in %s", out)
+    return paths
