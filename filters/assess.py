@@ -178,7 +178,9 @@ def heuristic_raw(problems: pa.Table, cfg: AssessConfig) -> list[dict]:
     else:
         import ray
 
-        ds = ray.data.from_arrow(table).map_batches(
+        # One block per batch, so every actor gets work (from_arrow of one table is a single block).
+        blocks = [table.slice(i, cfg.batch_size) for i in range(0, table.num_rows, cfg.batch_size)]
+        ds = ray.data.from_arrow(blocks).map_batches(
             _Scorer,
             fn_constructor_kwargs={"hcfg": hcfg},
             batch_format="pyarrow",
