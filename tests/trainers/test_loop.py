@@ -1,0 +1,191 @@
+"""The DeepSpeed loop on a tiny causal LM (real DeepSpeed, real checkpoints, real from_pretrained).
+
+Run: .venv/bin/pytest -q tests/trainers/test_loop.py
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from trainers.loop import LoopConfig, LoopData, chunked_lm_loss, deepspeed_config, epoch_order, train_loop
+
+PROMPTS = [
+    ("what is the sum of 3 and 4", "the answer is 7"),
+    ("find the area of the square with side 5", "area is 25 cm"),
+    ("how many degrees in a right angle", "90 degrees"),
+    ("compute 12 times 5", "the product is 60"),
+    ("what is the radius if diameter is 10", "radius is 5"),
+    ("choose the correct option (A) 2 (B) 4", "(B)"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    from trainers.tiny import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-lm"), seed=0)
+
+
+class PromptAnswerData:
+    """Text samples: loss on the answer tokens only (labels -100 on the prompt), padded collation."""
+
+    def __init__(self, tokenizer, n: int) -> None:
+        import torch
+
+        self.tok = tokenizer
+        self.samples = []
+        for i in range(n):
+            q, a = PROMPTS[i % len(PROMPTS)]
+            p = tokenizer(q + " ?", add_special_tokens=False)["input_ids"]
+            y = tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor(p + y)
+            labels = torch.tensor([-100] * len(p) + y)
+            self.samples.append({"input_ids": ids, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+    def collate(self, batch: list[dict]) -> dict:
+        import torch
+
+        n = max(len(s["input_ids"]) for s in batch)
+        ids = torch.full((len(batch), n), self.tok.pad_token_id)
+        labels = torch.full((len(batch), n), -100)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for r, s in enumerate(batch):
+            k = len(s["input_ids"])
+            ids[r, :k], labels[r, :k], mask[r, :k] = s["input_ids"], s["labels"], 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _data(model_dir: Path, n: int = 12) -> LoopData:
+    from transformers import AutoTokenizer
+
+    d = PromptAnswerData(AutoTokenizer.from_pretrained(model_dir), n)
+    return LoopData(dataset=d, collate=d.collate, processor=d.tok)
+
+
+def _model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def _cfg(**kw) -> LoopConfig:
+    base = dict(lr=3e-3, warmup_ratio=0.1, micro_batch=2, grad_accum=2, max_steps=12, zero_stage=2, loss_chunk=7)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def test_loss_falls_and_log_line(tiny_lm, tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainers.loop")
+    res = train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(max_steps=30, grad_accum=1, lr=6e-3), tmp_path, seed=1)
+    assert res.steps == 30 and len(res.losses) == 30
+    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
+    assert last < 0.5 * first, res.losses
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    pat = re.compile(r"^step (\d+)/30 \| loss (\d+\.\d{4}) \| lr (\S+) \| tok/s ([\d,]+) \| mfu (\d+\.\d{4})$")
+    parsed = [pat.match(x) for x in lines]
+    assert len(parsed) == 30 and all(parsed), lines[:3]
+    assert [int(m.group(1)) for m in parsed] == list(range(1, 31))
+    assert abs(float(parsed[-1].group(2)) - res.losses[-1]) < 1e-4
+    steps = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 31))
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    # warmup then cosine decay
+    lrs = [s["lr"] for s in steps]
+    assert lrs[0] < lrs[2] and lrs[-1] < lrs[5]
+
+
+def test_export_reloads_with_same_logits(tiny_lm, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _model(tiny_lm)
+    res = train_loop(model, _data(tiny_lm), _cfg(max_steps=4), tmp_path, seed=2)
+    reloaded = AutoModelForCausalLM.from_pretrained(res.model_dir)
+    x = torch.tensor([[5, 9, 33, 47, 100, 7]])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=x).logits, reloaded(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    orig = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    with torch.no_grad():
+        assert not torch.allclose(orig(input_ids=x).logits, b, atol=1e-4)  # training changed the weights
+    assert (res.model_dir / "tokenizer.json").exists()
+
+
+def test_chunked_loss_matches_full_logits():
+    import torch
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 30, bias=False)
+    labels = torch.randint(0, 30, (2, 9))
+    labels[0, :3] = -100
+    w = torch.rand(2, 9)
+    full = chunked_lm_loss(hidden, head, labels, w, 0)
+    full.backward()
+    g_full = hidden.grad.clone()
+    hidden.grad = None
+    chunked = chunked_lm_loss(hidden, head, labels, w, 4)
+    chunked.backward()
+    assert torch.allclose(full, chunked, atol=1e-5)
+    assert torch.allclose(g_full, hidden.grad, atol=1e-6)
+    ref = (torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 30), labels[:, 1:].reshape(-1),
+                                             reduction="none", ignore_index=-100) * w[:, 1:].reshape(-1)).sum()
+    assert torch.allclose(full, ref, atol=1e-5)
+
+
+def test_deepspeed_auto_values_filled():
+    cfg = deepspeed_config(_cfg(zero_stage=3, micro_batch=2, grad_accum=4, grad_clip=0.5), world=2, bf16=False)
+    assert cfg["train_batch_size"] == 16 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is False
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert "auto" not in json.dumps(cfg)
+    with pytest.raises(ValueError, match="zero_optimization.stage=2"):
+        deepspeed_config(_cfg(zero_stage=3, deepspeed_config=str(Path("configs/deepspeed/zero2.json"))), 1, False)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_order(10, 3, 0), epoch_order(10, 3, 0)
+    assert a == b and sorted(a) == list(range(10))
+    assert epoch_order(10, 3, 1) != a
+
+
+def _killed_run(model_dir: str, out: str, kill_at: int) -> None:
+    """Child process: train with checkpoints every 3 steps and SIGKILL itself after step `kill_at`."""
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(k, None)  # inherited from the test process's own one-rank group
+
+    def on_step(step: int, _rec: dict) -> None:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train_loop(_model(Path(model_dir)), _data(Path(model_dir)), _cfg(save_every=3), Path(out), seed=5, on_step=on_step)
+
+
+def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
+    full = train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(save_every=3), tmp_path / "full", seed=5)
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_killed_run, args=(str(tiny_lm), str(tmp_path / "cut"), 8))
+    p.start()
+    p.join(300)
+    assert p.exitcode == -signal.SIGKILL
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    resumed = train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(save_every=3), tmp_path / "cut", seed=5)
+    assert resumed.steps == 12 and len(resumed.losses) == 12
+    for i, (a, b) in enumerate(zip(full.losses, resumed.losses, strict=True)):
+        assert abs(a - b) < 1e-6, f"step {i + 1}: {a} vs {b}"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # steps 7-8 of the killed run were replaced, not duplicated

@@ -1,0 +1,599 @@
+"""The DeepSpeed training loop: ZeRO-2/3, exact mid-epoch resume, per-step log line, TensorBoard, export.
+
+One function, `train_loop(model, data, cfg, out_dir)`, runs on every rank (one process, `torchrun`
+ranks, or Ray Train workers — trainers/launch.py picks). What it guarantees:
+
+- the global batch (micro_batch x grad_accum x world) and its loss are the same for any world size: the
+  loss is the weighted token sum over the whole global batch divided by its labelled-token count, so two
+  ranks with grad_accum 1 and one rank with grad_accum 2 take the same optimizer step;
+- every `save_every` steps a DeepSpeed checkpoint (model, optimizer, LR schedule) plus the data position
+  (epoch, next sample index, order seed) and each rank's RNG states; a restarted run continues from the
+  `latest` checkpoint and reproduces the uninterrupted loss sequence;
+- one log line per step, `step 12/40 | loss 2.3456 | lr 1.2e-04 | tok/s 1,234 | mfu 0.0012`, the same
+  figures in TensorBoard (`<out>/tb`) and in `<out>/steps.jsonl`;
+- at the end the model is consolidated (ZeRO-3 gathered, LoRA merged) and saved with `save_pretrained`
+  to `<out>/model`, loadable with the model's Auto class.
+
+Config knobs that the DeepSpeed JSON marks "auto" (batch sizes, clipping, bf16) come from LoopConfig.
+CPU: gloo and fp32 by default; CUDA: nccl and bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+CKPT_DIR = "checkpoints"
+STEPS_LOG = "steps.jsonl"
+
+# Dense bf16 peak FLOP/s by device name (no sparsity): the MFU denominator.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# A nominal CPU peak so the CPU figure is a smoke number, never compared with a GPU's.
+CPU_PEAK_FLOPS = 1e12
+
+
+class LoopConfig(StageConfig):
+    """Optimisation settings shared by every launcher (TrainConfig extends it)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    deepspeed_config: str | None = Field(
+        None, description="DeepSpeed JSON; default configs/deepspeed/zero<stage>.json ('auto' keys are filled here)"
+    )
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (Skywork: 2e-4 align, 4e-5 after, 1e-4/2e-5 rounds)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="linear warmup as a fraction of all steps")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay on matrices (not on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
+    micro_batch: int = Field(1, ge=1, description="samples per forward per rank")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step per rank")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0 = off)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0 = only the final export)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = Field(True, description="recompute activations in backward to save memory")
+    checkpoint_every: int = Field(
+        1, ge=1, description="recompute every N-th decoder layer only (fewer FLOPs where memory allows)"
+    )
+    loss_chunk: int = Field(
+        1024, ge=0, description="tokens per chunk of the fused lm_head + cross-entropy (0 = full logits)"
+    )
+    log_every: int = Field(1, ge=1, description="log line every N steps")
+    peak_tflops: float | None = Field(None, gt=0, description="MFU denominator override (TFLOP/s per device)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+
+
+@dataclass
+class LoopData:
+    """What the loop trains on: indexable samples and a collator turning a list of them into a batch.
+
+    A sample is a dict with `input_ids`, `labels` (-100 where no loss) and optionally `loss_weights`;
+    `collate(samples)` returns tensors the model's forward accepts plus `labels` (and `loss_weights`).
+    `tokens(i)` (optional) gives sample i's length for logging without collating.
+    """
+
+    dataset: Sequence[dict]
+    collate: Callable[[list[dict]], dict]
+    processor: Any = None
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[float]
+    samples_seen: int
+    model_dir: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, Any]:
+    """(rank, world_size, device); starts a one-process group when no launcher set one up."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if torch.cuda.is_available():
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def deepspeed_config(cfg: LoopConfig, world: int, bf16: bool) -> dict:
+    """The JSON config with every "auto" value filled from `cfg`."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_DIR / f"zero{cfg.zero_stage}.json"
+    if not path.exists():
+        if cfg.zero_stage in (0, 1) and not cfg.deepspeed_config:
+            raw: dict = {"zero_optimization": {"stage": cfg.zero_stage}}
+        else:
+            raise FileNotFoundError(f"DeepSpeed config {path} not found (train.deepspeed_config)")
+    else:
+        raw = json.loads(path.read_text())
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for k, v in auto.items():
+        if raw.get(k, "auto") == "auto":
+            raw[k] = v
+    raw.setdefault("bf16", {})
+    if raw["bf16"].get("enabled", "auto") == "auto":
+        raw["bf16"]["enabled"] = bf16
+    zero = raw.setdefault("zero_optimization", {})
+    if zero.get("stage", "auto") == "auto":
+        zero["stage"] = cfg.zero_stage
+    elif zero["stage"] != cfg.zero_stage:
+        raise ValueError(f"{path}: zero_optimization.stage={zero['stage']} but train.zero_stage={cfg.zero_stage}")
+    for k, v in list(zero.items()):
+        if v == "auto":
+            zero.pop(k)  # DeepSpeed's own default (bucket sizes depend on the model it sees)
+    raw.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
+    raw.setdefault("wall_clock_breakdown", False)
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers model under a peft wrapper (peft forwards attribute access otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: int) -> Any:
+    """Sum of weighted next-token cross-entropy, computing lm_head logits `chunk` tokens at a time.
+
+    Each chunk's logits are recomputed in backward (checkpoint), so the full (tokens x vocab) logits
+    never exist at once: at 8k tokens x 150k vocab that is 2.4 GB in bf16, 4.9 GB upcast to fp32.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    w = weights[:, 1:].reshape(-1).to(torch.float32)
+    keep = (y != -100) & (w != 0)
+    h, y, w = h[keep], y[keep], w[keep]
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected so every rank runs the same backward
+
+    def piece(hc: Any, yc: Any, wc: Any) -> Any:
+        logits = head(hc).float()
+        return (F.cross_entropy(logits, yc, reduction="none") * wc).sum()
+
+    if chunk <= 0 or h.shape[0] <= chunk:
+        return piece(h, y, w)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        total = total + checkpoint(piece, h[s : s + chunk], y[s : s + chunk], w[s : s + chunk], use_reentrant=False)
+    return total
+
+
+def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
+    """Wrap `model` so `engine(batch)` returns the weighted token-loss sum (not a mean).
+
+    The chunked head needs the final hidden states: `<model>.model(...)` of a transformers CausalLM /
+    LLaVA-style model gives them and `<model>.lm_head` is the head. Under ZeRO-3 the head's weight is
+    partitioned outside its own forward, so there the plain logits path is used.
+    """
+    import torch
+
+    class _Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch: dict) -> Any:
+            labels = batch["labels"]
+            weights = batch.get("loss_weights")
+            if weights is None:
+                weights = (labels != -100).to(torch.float32)
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+            dtype = next(self.model.parameters()).dtype
+            for k in ("pixel_values",):
+                if k in inputs and inputs[k].is_floating_point():
+                    inputs[k] = inputs[k].to(dtype)
+            base = _unwrap(self.model)
+            inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+            if chunk > 0 and zero_stage < 3 and inner is not None and head is not None:
+                hidden = inner(**inputs, use_cache=False).last_hidden_state
+                return chunked_lm_loss(hidden, head, labels, weights, chunk)
+            logits = self.model(**inputs, use_cache=False).logits
+            return chunked_lm_loss(logits, torch.nn.Identity(), labels, weights, 0)
+
+    return _Loss()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedule, order, flops
+
+
+def cosine_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per text token: 6 x parameters + attention (12 x layers x hidden x seq_len).
+
+    Vision parameters are counted per text token too: with one image per sample and few hundred patches
+    per thousands of text tokens that over-counts by little; the benchmark states this approximation.
+    """
+    n = sum(p.numel() for p in model.parameters())
+    ds = [getattr(p, "ds_numel", 0) for p in model.parameters()]
+    if any(ds):  # ZeRO-3 partitioned parameters report numel 0
+        n = sum(ds)
+    tc = _text_config(getattr(_unwrap(model), "config", None))
+    layers = getattr(tc, "num_hidden_layers", 0) or 0
+    hidden = getattr(tc, "hidden_size", 0) or 0
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def peak_flops(cfg: LoopConfig, device: Any) -> float:
+    import torch
+
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in PEAK_FLOPS.items():
+            if key in name:
+                return v
+        log.warning("unknown GPU %r: MFU uses the H100 peak; set train.peak_tflops", name)
+        return PEAK_FLOPS["H100"]
+    return CPU_PEAK_FLOPS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _save_checkpoint(engine: Any, ckpt_dir: Path, step: int, position: dict, rank: int, keep: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    tag = f"step-{step:07d}"
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng-rank{rank}.pt")
+    dist.barrier()
+    # DeepSpeed writes `latest` only after every shard is saved: its presence marks a complete checkpoint.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"position": position})
+    dist.barrier()
+    if rank == 0:
+        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s saved (epoch %d, sample %d)", tag, position["epoch"], position["index"])
+
+
+def _load_checkpoint(engine: Any, ckpt_dir: Path, rank: int) -> dict | None:
+    import torch
+
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
+    rng = ckpt_dir / tag / f"rng-rank{rank}.pt"
+    if not rng.exists():
+        raise RuntimeError(f"{rng} missing: resume needs the same world size as the run that saved {tag}")
+    _set_rng_state(torch.load(rng, weights_only=False))
+    log.info("resumed from %s (epoch %d, sample %d)", tag, client["position"]["epoch"], client["position"]["index"])
+    return client["position"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+def export_model(engine: Any, model: Any, out: Path, rank: int, zero_stage: int, processor: Any = None) -> None:
+    """Save the full trained model with `save_pretrained` (ZeRO-3 gathered, LoRA merged) on rank 0."""
+    import contextlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    gather = (
+        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            target = model
+            if hasattr(model, "merge_and_unload"):
+                target = model.merge_and_unload()
+            sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
+            out.mkdir(parents=True, exist_ok=True)
+            cfg = getattr(target, "config", None)
+            if cfg is not None and hasattr(cfg, "use_cache"):
+                cfg.use_cache = True
+            target.save_pretrained(out, state_dict=sd)
+            if processor is not None:
+                processor.save_pretrained(out)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: check the freeze policy")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to(batch: dict, device: Any) -> dict:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def _global_batches(n: int, cfg: LoopConfig, world: int, rank: int, seed: int, start: dict):
+    """Yield (epoch, next_index, [(sample indices, weight) per micro-batch of this rank]) from `start`.
+
+    A short last global batch is filled with samples from the epoch's start at weight 0, so every
+    rank runs the same number of forwards (ZeRO collectives need it) and the step's gradient equals the
+    one over the real samples only.
+    """
+    per = cfg.micro_batch * cfg.grad_accum * world
+    epoch, index = start["epoch"], start["index"]
+    while True:
+        order = epoch_order(n, seed, epoch)
+        while index < n:
+            ids = order[index : index + per]
+            real = len(ids)
+            ids += [order[i % n] for i in range(per - real)]
+            mine = []
+            for j in range(cfg.grad_accum):
+                lo = (j * world + rank) * cfg.micro_batch
+                mine.append([(ids[k], 1.0 if k < real else 0.0) for k in range(lo, lo + cfg.micro_batch)])
+            index += per
+            yield epoch, min(index, n), mine, real
+        epoch, index = epoch + 1, 0
+
+
+def total_steps(n: int, cfg: LoopConfig, world: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    per = cfg.micro_batch * cfg.grad_accum * world
+    return cfg.epochs * math.ceil(n / per)
+
+
+def _weighted(sample: dict, w: float) -> dict:
+    """A filler sample (w == 0) keeps its shape but carries no loss: labels all -100."""
+    if w != 0.0:
+        return sample
+    import torch
+
+    s = dict(sample)
+    s["labels"] = torch.full_like(torch.as_tensor(s["labels"]), -100)
+    if s.get("loss_weights") is not None:
+        s["loss_weights"] = torch.zeros_like(torch.as_tensor(s["loss_weights"]))
+    return s
+
+
+def train_loop(
+    model: Any,
+    data: LoopData,
+    cfg: LoopConfig,
+    out_dir: Path,
+    seed: int = 0,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> LoopResult:
+    """Train `model` on `data` with DeepSpeed; resume from `<out_dir>/checkpoints/latest` if present."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    out_dir = Path(out_dir)
+    rank, world, device = init_distributed()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    n = len(data.dataset)
+    if n == 0:
+        raise ValueError("no training samples")
+    steps_total = total_steps(n, cfg, world)
+    warmup = math.ceil(cfg.warmup_ratio * steps_total)
+
+    if cfg.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=cfg.checkpoint_every)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    wrapped = make_loss_module(model, cfg.loss_chunk, cfg.zero_stage)
+    opt_kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas)}
+    if device.type == "cuda":
+        opt_kwargs["fused"] = True
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), **opt_kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps_total, warmup, cfg.min_lr_ratio))
+    ds_cfg = deepspeed_config(cfg, world, bf16)
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    ckpt_dir = out_dir / CKPT_DIR
+    position = _load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
+    if position["seed"] != seed:
+        raise ValueError(f"{ckpt_dir}: checkpoint was written with seed {position['seed']}, run has seed {seed}")
+    step = position["step"]
+
+    writer = None
+    steps_log = out_dir / STEPS_LOG
+    records: list[dict] = []
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
+            records = [r for r in map(json.loads, steps_log.read_text().splitlines()) if r["step"] <= step]
+        steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
+
+    peak = peak_flops(cfg, device) * world
+    losses = [r["loss"] for r in records]
+    samples_seen = position.get("samples_seen", 0)
+    batches = _global_batches(n, cfg, world, rank, seed, position)
+    engine.train()
+    while step < steps_total:
+        epoch, next_index, mine, real = next(batches)
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
+        local = torch.tensor(
+            [sum(int((m["labels"] != -100).sum()) for m in micro), sum(int(m["input_ids"].numel()) for m in micro)],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(local)
+        n_labels, n_tokens = float(local[0]), float(local[1])
+        scale = cfg.grad_accum * world / max(n_labels, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in micro:
+            s = engine(_to(m, device))
+            engine.backward(s * scale)
+            engine.step()
+            loss_sum += float(s.detach())
+        dist.all_reduce(loss_sum)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        samples_seen += real
+        loss = float(loss_sum) / max(n_labels, 1.0)
+        losses.append(loss)
+        seq = n_tokens / max(1, cfg.micro_batch * cfg.grad_accum * world)
+        tok_s = n_tokens / dt
+        mfu = tok_s * flops_per_token(model, int(seq)) / peak
+        gn = engine.get_global_grad_norm()
+        rec = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(gn) if gn is not None else float("nan"),
+            "tokens": int(n_tokens),
+            "tok_s": tok_s,
+            "mfu": mfu,
+            "step_s": dt,
+        }
+        if rank == 0:
+            records.append(rec)
+            with open(steps_log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            for k in ("loss", "lr", "grad_norm", "tok_s", "mfu"):
+                writer.add_scalar(f"train/{k}", rec[k], step)
+            if step % cfg.log_every == 0 or step == steps_total:
+                log.info(
+                    "step %d/%d | loss %.4f | lr %.1e | tok/s %s | mfu %.4f",
+                    step, steps_total, loss, lr, f"{tok_s:,.0f}", mfu,
+                )
+        position = {"epoch": epoch, "index": next_index, "step": step, "seed": seed, "samples_seen": samples_seen}
+        if next_index >= n:
+            position.update(epoch=epoch + 1, index=0)
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps_total:
+            _save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step, rec)
+    if writer is not None:
+        writer.close()
+    model_dir = out_dir / "model"
+    export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
+    tail = records[-min(len(records), 5):] if records else []
+    metrics = {
+        "steps": step,
+        "final_loss": losses[-1] if losses else float("nan"),
+        "first_loss": losses[0] if losses else float("nan"),
+        "tok_s": sum(r["tok_s"] for r in tail) / max(1, len(tail)),
+        "mfu": sum(r["mfu"] for r in tail) / max(1, len(tail)),
+        "world_size": world,
+        "bf16": bf16,
+    }
+    return LoopResult(step, losses, samples_seen, model_dir, metrics, records)
