@@ -104,10 +104,10 @@ class ShardWriter:
         self.files: list[str] = [p.name for p in existing]
 
     def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:
-        """Append rows: an Arrow table/batch, or a list of dicts (converted in blocks of 1,024)."""
+        """Append rows: an Arrow table/batch, or a list of dicts (converted in blocks)."""
         if isinstance(rows, list):
             self._pending.extend(rows)
-            if len(self._pending) >= 1024:
+            if len(self._pending) >= min(1024, self.rows_per_shard):
                 self._convert_pending()
             return
         if isinstance(rows, pa.RecordBatch):
@@ -116,27 +116,33 @@ class ShardWriter:
             return
         self._buf.append(conform(rows, self.schema))
         self._buffered += rows.num_rows
-        if self._buffered >= self.rows_per_shard:
-            self.flush()
+        while self._buffered >= self.rows_per_shard:
+            self._emit(self.rows_per_shard)
 
     def _convert_pending(self) -> None:
         if self._pending:
             rows, self._pending = self._pending, []
             self.write(pa.Table.from_pylist(rows, schema=self.schema.remove_metadata()))
 
-    def flush(self) -> None:
-        self._convert_pending()
-        if not self._buffered:
-            return
-        table = pa.concat_tables(self._buf).replace_schema_metadata(self.schema.metadata)
+    def _emit(self, n: int) -> None:
+        """Write the first n buffered rows as the next shard (tmp name, then rename)."""
+        table = pa.concat_tables(self._buf)
+        head, rest = table.slice(0, n), table.slice(n)
+        self._buf = [rest] if rest.num_rows else []
+        self._buffered = rest.num_rows
         name = f"part-{self._next:05d}.parquet"
         tmp = self.dir / f".tmp-{name}"
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(head.replace_schema_metadata(self.schema.metadata), tmp, compression="zstd")
         os.replace(tmp, self.dir / name)
         self.files.append(name)
         self._next += 1
-        self.rows_written += table.num_rows
-        self._buf, self._buffered = [], 0
+        self.rows_written += head.num_rows
+
+    def flush(self) -> None:
+        """Write everything buffered (the last shard may be short)."""
+        self._convert_pending()
+        if self._buffered:
+            self._emit(self._buffered)
 
     def close(self) -> None:
         self.flush()

@@ -207,7 +207,9 @@ class Runner:
         if progress.exists():
             import json
 
-            resume = json.loads(progress.read_text()).get("fingerprint") == fp
+            # only stages that read back what they wrote (RESUMABLE = True) may keep a killed attempt's shards
+            resumable = getattr(STAGES[step.stage].load(), "RESUMABLE", False)
+            resume = resumable and json.loads(progress.read_text()).get("fingerprint") == fp
         if not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,10 @@
 
 A stage module defines `<Stage>Config` (a `pipeline.config.StageConfig`), `run(cfg, ctx) -> Manifest`,
 and `TABLES` (the table names it writes, for fingerprints). It may define
-`fingerprint_extra(cfg) -> dict` for inputs outside the run directory (e.g. source file stats).
+`fingerprint_extra(cfg) -> dict` for inputs outside the run directory (e.g. source file stats),
+`preflight(cfg) -> list[str]` for problems found without reading data (missing files), and
+`RESUMABLE = True` when its `run` reads back the shards of a killed attempt (`ctx.resume`) and
+writes only what is missing; other stages start from an empty step directory.
 Stage modules import only light modules at the top; torch, transformers and vLLM load inside `run`.
 """
 
