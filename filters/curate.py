@@ -4,7 +4,7 @@
 
 Input: the filter step's chains (every chain, with `keep`, `verdict`, `quality`, `drop_reason`) and the
 problems table. Per problem, the eligible chains (kept by the filter, verdict `correct`, non-empty
-reasoning) are ranked by quality (bucketed by `quality_tie`, so near-equal scores count as a tie),
+reasoning) are ranked by quality (scores within `quality_tie` of a tier's best count as a tie),
 then by fewer completion tokens (ties go to the shorter), then by chain id; walking that order, a chain
 whose reasoning is a near-duplicate (word-shingle Jaccard >= `near_dup_threshold`) of one already
 picked is dropped, until `n_per_problem` are picked. Each pick becomes one `sft` row:
@@ -59,7 +59,7 @@ class CurateConfig(StageConfig):
     )
     shingle_words: int = Field(5, ge=1, le=20, description="words per shingle for near-duplicate detection")
     quality_tie: float = Field(
-        0.25, ge=0.0, description="qualities in the same bucket of this width tie (then the shorter chain wins); 0 = exact"
+        0.25, ge=0.0, description="qualities within this of a tier's best tie (then the shorter chain wins); 0 = exact"
     )
     require_correct: bool = Field(True, description="only verdict == 'correct' chains are eligible")
     system_prompt_file: str | None = Field(None, description="system prompt file (default: filters/prompts/sft_system.txt)")
@@ -136,13 +136,27 @@ def eligibility(chain: dict[str, Any], cfg: CurateConfig) -> str | None:
     return None
 
 
-def rank_key(chain: dict[str, Any], cfg: CurateConfig) -> tuple:
-    q = float(chain.get("quality") or 0.0)
-    bucket = -int(q // cfg.quality_tie) if cfg.quality_tie > 0 else -q
+def _tokens(chain: dict[str, Any]) -> int:
     tokens = chain.get("completion_tokens")
     if tokens is None:
         tokens = len((chain.get("completion") or chain.get("reasoning") or "").split())
-    return (bucket, tokens, chain["chain_id"])
+    return int(tokens)
+
+
+def rank(chains: list[dict[str, Any]], cfg: CurateConfig) -> list[dict[str, Any]]:
+    """Best first: quality tiers (a tier holds the chains within `quality_tie` of its best), then
+    fewer completion tokens inside a tier (ties go to the shorter), then chain id for determinism."""
+    by_q = sorted(chains, key=lambda c: (-float(c.get("quality") or 0.0), c["chain_id"]))
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(by_q):
+        top = float(by_q[i].get("quality") or 0.0)
+        j = i
+        while j < len(by_q) and top - float(by_q[j].get("quality") or 0.0) <= cfg.quality_tie + 1e-12:
+            j += 1
+        out += sorted(by_q[i:j], key=lambda c: (_tokens(c), c["chain_id"]))
+        i = j
+    return out
 
 
 def select_chains(chains: list[dict[str, Any]], cfg: CurateConfig) -> tuple[list[dict], dict[str, str]]:
@@ -155,7 +169,7 @@ def select_chains(chains: list[dict[str, Any]], cfg: CurateConfig) -> tuple[list
             eligible.append(c)
         else:
             reasons[c["chain_id"]] = r
-    eligible.sort(key=lambda c: rank_key(c, cfg))
+    eligible = rank(eligible, cfg)
     picked: list[dict] = []
     picked_sh: list[set] = []
     for c in eligible:
@@ -250,7 +264,7 @@ def run(cfg: CurateConfig, ctx) -> Manifest:
     for pid in sorted(attempted):
         group = by_problem.get(pid, [])
         picked, reasons = select_chains(group, cfg)
-        for cid, reason in reasons.items():
+        for reason in reasons.values():
             m.drop(reason)
         for c in group:
             if reasons.get(c["chain_id"]) == "filtered_out":
