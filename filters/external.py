@@ -1,0 +1,181 @@
+"""External chains: filter (and curate) generations the pipeline did not make, e.g. existing R1 traces.
+
+    filter:
+      source:
+        path: ../shared/data/traces-dev/traces.jsonl
+        columns: {question: problem, answer: gold_answer, trace: trace, id: id, teacher: model}
+
+Each row gives a question, a gold answer, a trace and optionally images, choices, an answer type and a
+finish reason. Rows become `problems` rows (same normalisation and `problem_id` as ingest, so an ingest
+source over the same file yields the same ids) and `chains` rows (`chain_id` = stable hash of the
+problem id and the trace; `teacher` from the mapped column or the source name). Traces keep their own
+format; R1-distill traces that start after `<think>` (the template opened it) get the `<think>` written
+back in front when `starts_in_think` is set, so a cut-off trace shows as an unclosed think span.
+Bad rows (no question, no answer, no trace, unreadable images) are counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from filters.extract import SKY_SOLUTION_OPEN, SKY_THOUGHT_OPEN, THINK_OPEN, split_chain
+from pipeline.config import StageConfig
+from pipeline.rundir import stable_hash
+from pipeline.schema import CHAINS, PROBLEMS
+
+log = logging.getLogger(__name__)
+
+
+class ChainColumns(StageConfig):
+    """Names of the source's columns; None = not present."""
+
+    question: str = "question"
+    answer: str = "answer"
+    trace: str = Field("trace", description="the raw completion (reasoning and answer)")
+    id: str | None = Field("id", description="source row id, kept in the problem's source_ref")
+    images: str | None = Field(None, description="image path(s) relative to the file, or bytes")
+    choices: str | None = None
+    answer_type: str | None = None
+    finish_reason: str | None = Field(None, description="'length' marks a cut-off trace")
+    teacher: str | None = Field(None, description="model name column")
+    completion_tokens: str | None = None
+
+
+class ChainsSourceConfig(StageConfig):
+    path: str = Field(description="Parquet file or JSONL file of chains")
+    kind: Literal["auto", "jsonl", "parquet"] = Field("auto", description="format; auto = from the file suffix")
+    name: str | None = Field(None, description="source label (default: file stem)")
+    columns: ChainColumns = Field(default_factory=ChainColumns)
+    teacher: str | None = Field(None, description="teacher name when no teacher column is mapped")
+    starts_in_think: bool = Field(True, description="traces without markers start inside <think>")
+    limit: int | None = Field(None, ge=1, description="read at most this many rows")
+
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass
+class LoadedChains:
+    chains: pa.Table
+    problems: pa.Table
+    quarantined: dict[str, int] = field(default_factory=dict)
+    bad_refs: list[str] = field(default_factory=list)
+
+
+def source_stats(cfg: ChainsSourceConfig | None) -> Any:
+    if cfg is None:
+        return None
+    p = Path(cfg.path)
+    return [str(p), p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else [str(p), None]
+
+
+def _rows(cfg: ChainsSourceConfig) -> Any:
+    p = Path(cfg.path)
+    if not p.exists():
+        raise FileNotFoundError(f"filter.source.path: file not found: {p}")
+    kind = cfg.kind if cfg.kind != "auto" else ("parquet" if p.suffix in (".parquet", ".pq") else "jsonl")
+    if kind == "parquet":
+        for i, row in enumerate(pq.read_table(p).to_pylist()):
+            yield f"{p}:row{i}", row
+        return
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{p}:{lineno}", ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})")
+                continue
+            yield f"{p}:{lineno}", row if isinstance(row, dict) else ValueError(f"{p}:{lineno}: not an object")
+
+
+def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
+    """A problems row through ingest's own normalisation, so problem ids agree with an ingest source."""
+    from pipeline.ingest import ColumnMap, SourceConfig, _to_problem
+
+    c = cfg.columns
+    cmap = ColumnMap(id=c.id, question=c.question, answer=c.answer, images=c.images, choices=c.choices,
+                     answer_type=c.answer_type, subject=None, difficulty=None)
+    src = SourceConfig(kind="jsonl", path=cfg.path, name=cfg.label(), columns=cmap)
+    return _to_problem(row, src, ref, Path(cfg.path).parent)
+
+
+def _completion(trace: str, starts_in_think: bool) -> str:
+    sky = SKY_THOUGHT_OPEN in trace or SKY_SOLUTION_OPEN in trace
+    if starts_in_think and not sky and THINK_OPEN not in trace:
+        return THINK_OPEN + "\n" + trace
+    return trace
+
+
+def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
+    """Chains and the problems they imply from an external file; bad rows are counted by reason."""
+    from pipeline.ingest import _Bad
+
+    chains, problems, seen = [], {}, set()
+    quarantined: dict[str, int] = {}
+    bad_refs: list[str] = []
+
+    def bad(reason: str, ref: str, msg: str) -> None:
+        quarantined[reason] = quarantined.get(reason, 0) + 1
+        bad_refs.append(f"{ref}: {msg}")
+        log.warning("external chains: %s (%s)", msg, reason)
+
+    c = cfg.columns
+    for n, (ref, row) in enumerate(_rows(cfg)):
+        if cfg.limit and n >= cfg.limit:
+            break
+        if isinstance(row, ValueError):
+            bad("bad_row", ref, str(row))
+            continue
+        trace = row.get(c.trace)
+        if not isinstance(trace, str) or not trace.strip():
+            bad("missing_trace", ref, f"no trace in column {c.trace!r}")
+            continue
+        try:
+            prob = _problem(row, cfg, ref)
+        except _Bad as e:
+            bad(e.reason, ref, e.error)
+            continue
+        problems.setdefault(prob["problem_id"], prob)
+        completion = _completion(trace, cfg.starts_in_think)
+        split = split_chain(completion, cfg.starts_in_think)
+        chain_id = stable_hash("external", prob["problem_id"], trace)
+        if chain_id in seen:
+            bad("duplicate_chain", ref, "the same trace for the same problem appears twice")
+            continue
+        seen.add(chain_id)
+        tokens = row.get(c.completion_tokens) if c.completion_tokens else None
+        chains.append(
+            {
+                "chain_id": chain_id,
+                "problem_id": prob["problem_id"],
+                "round": 0,
+                "teacher": str(row.get(c.teacher) if c.teacher and row.get(c.teacher) else cfg.teacher or cfg.label()),
+                "sample_idx": 0,
+                "prompt": None,
+                "completion": completion,
+                "reasoning": split.reasoning,
+                "response": split.response,
+                "finish_reason": row.get(c.finish_reason) if c.finish_reason else None,
+                "completion_tokens": int(tokens) if isinstance(tokens, (int, float)) else None,
+                "simulated": False,
+            }
+        )
+    if not chains and not quarantined:
+        raise ValueError(f"filter.source.path: {cfg.path} holds no rows")
+    log.info("external chains: %d chains of %d problems from %s", len(chains), len(problems), cfg.path)
+    return LoadedChains(
+        chains=pa.Table.from_pylist(chains, schema=CHAINS),
+        problems=pa.Table.from_pylist(list(problems.values()), schema=PROBLEMS),
+        quarantined=quarantined,
+        bad_refs=bad_refs,
+    )

@@ -1,0 +1,316 @@
+"""Stage `filter`: verify every chain's answer and score its redundancy and length; keep or drop it.
+
+    r1v run configs/demo.yaml --stage filter
+    r1v run configs/demo.yaml --stage filter filter.workers=1 filter.verify.timeout_s=2
+
+Input: the generate step's chains and the problems (joined on problem_id; the budget is the problem's
+`max_tokens` from assess, else the chain's sampling max_tokens). With no generate step, the chains come
+from `filter.source` (existing generations in Parquet/JSONL, see filters/external.py) and the problems
+they imply are written to `<step>/problems/` for curate.
+
+Per chain (plain Python in `score_batch`; Ray Data fans batches out over an actor pool, `workers`
+actors, each with its own deadline worker process for the sympy checks):
+
+1. verdict (filters/verify.py): truncated when finish_reason is "length" or a think/solution span is
+   unclosed; else the extracted answer is checked against the gold: correct / wrong / no_answer /
+   gold_unparsable / timeout;
+2. redundancy and length scores and `quality` (0-5; formula in filters/redundancy.py);
+3. keep, or drop with the first failing reason in this order: generation_error, truncated, looping,
+   wrong, no_answer, timeout, gold_unparsable, over_budget, redundant, language_mixing, low_quality.
+
+Every chain is written (kept and dropped, with `keep` and `drop_reason`), so reports compare before and
+after. Manifest: rows_in = chains; kept; dropped by reason; quarantined `unknown_problem` (a chain whose
+problem is in no problems table; not written); metrics = verdict counts, loops, mean quality, timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from filters.external import ChainsSourceConfig
+from filters.extract import extract_answer, split_chain
+from filters.redundancy import RedundancyConfig, Scorer
+from filters.verify import VerifyConfig, check_many
+from pipeline.config import StageConfig
+from pipeline.rundir import Manifest, shard_files
+from pipeline.schema import CHAINS, PROBLEMS, extend
+
+log = logging.getLogger(__name__)
+
+TABLES = ("chains", "problems")
+
+FILTERED = extend(
+    CHAINS,
+    pa.field("pred_answer", pa.string()),
+    pa.field("verdict", pa.string()),
+    pa.field("verify_detail", pa.string()),
+    pa.field("verify_s", pa.float64()),
+    pa.field("ngram_repetition", pa.float64()),
+    pa.field("compression_ratio", pa.float64()),
+    pa.field("repeated_paragraph_frac", pa.float64()),
+    pa.field("reflection_density", pa.float64()),
+    pa.field("language_mixing", pa.float64()),
+    pa.field("length_ratio", pa.float64()),
+    pa.field("loop_detected", pa.bool_()),
+    pa.field("quality", pa.float64()),
+    pa.field("keep", pa.bool_()),
+    pa.field("drop_reason", pa.string()),
+)
+DROP_ORDER = (
+    "generation_error", "truncated", "looping", "wrong", "no_answer", "timeout", "gold_unparsable",
+    "over_budget", "redundant", "language_mixing", "low_quality",
+)
+# problem fields a chain is scored against, attached to each row before fan-out
+_PROBLEM_COLS = {"_gold": "answer", "_answer_type": "answer_type", "_choices": "choices", "_budget": "max_tokens"}
+
+
+class FilterConfig(StageConfig):
+    workers: int = Field(2, ge=0, description="Ray Data actors scoring chains (0 = in the driver, no Ray)")
+    batch_size: int = Field(32, ge=1, description="chains per batch sent to an actor")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per actor (its check worker included)")
+    starts_in_think: bool = Field(
+        True, description="completions start inside <think> (the chat template opened it): no </think> = cut off"
+    )
+    min_quality: float = Field(0.0, ge=0, le=5, description="drop correct chains below this quality (low_quality)")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    redundancy: RedundancyConfig = Field(default_factory=RedundancyConfig)
+    source: ChainsSourceConfig | None = Field(
+        None, description="external chains (Parquet/JSONL) to filter when the run has no generate step"
+    )
+
+
+def fingerprint_extra(cfg: FilterConfig) -> dict:
+    from filters.external import source_stats
+
+    return {"source": source_stats(cfg.source)} if cfg.source is not None else {}
+
+
+# ------------------------------------------------------------------ per-batch logic (no Ray needed)
+
+
+def _texts(row: dict, starts_in_think: bool) -> tuple[str, str, bool]:
+    """(reasoning, response, closed) of a chain row, from its split columns or its raw completion."""
+    completion = row.get("completion")
+    split = split_chain(completion, starts_in_think) if completion else None
+    if row.get("reasoning") is not None or row.get("response") is not None:
+        closed = split.closed if split is not None else True
+        return row.get("reasoning") or "", row.get("response") or "", closed
+    if split is None:
+        return "", "", True
+    return split.reasoning, split.response, split.closed
+
+
+def _budget(row: dict) -> int | None:
+    if row.get("_budget"):
+        return int(row["_budget"])
+    sampling = row.get("sampling") or {}
+    return int(sampling["max_tokens"]) if sampling.get("max_tokens") else None
+
+
+def score_batch(rows: list[dict], cfg: FilterConfig, pool: Any, scorer: Scorer | None = None) -> list[dict]:
+    """Verdict, scores, keep and drop_reason for each chain row (rows carry `_gold`, `_answer_type`, ...).
+
+    `pool` is a filters.deadline.DeadlinePool running filters.verify.check_answer.
+    """
+    scorer = scorer or Scorer(cfg.redundancy)
+    out, to_check = [], []
+    for i, row in enumerate(rows):
+        reasoning, response, closed = _texts(row, cfg.starts_in_think)
+        atype = row.get("_answer_type")
+        pred = extract_answer(response, atype)
+        errored = row.get("finish_reason") == "error" or bool(row.get("error"))
+        truncated = row.get("finish_reason") == "length" or not closed
+        text = f"{reasoning}\n{response}" if reasoning else response
+        s = scorer.score(text, row.get("completion_tokens"), _budget(row))
+        r = {**row, **s, "pred_answer": pred, "verify_detail": None, "verify_s": None}
+        if errored:
+            r["verdict"], r["verify_detail"] = "no_answer", f"generation error: {row.get('error') or 'finish_reason=error'}"
+        elif truncated:
+            r["verdict"] = "truncated"
+            r["verify_detail"] = "finish_reason=length" if row.get("finish_reason") == "length" else "unclosed span"
+        elif pred is None:
+            r["verdict"] = "no_answer"
+        else:
+            r["verdict"] = None
+            problem = {"answer": row.get("_gold"), "answer_type": atype, "choices": row.get("_choices")}
+            to_check.append((i, pred, problem))
+        out.append(r)
+    if to_check:
+        results = check_many([(pred, prob) for _i, pred, prob in to_check], cfg.verify, pool)
+        for (i, _pred, _prob), (verdict, detail, secs) in zip(to_check, results, strict=True):
+            out[i].update(verdict=verdict, verify_detail=detail or None, verify_s=secs)
+    for r in out:
+        r["quality"] = scorer.quality(r["verdict"] == "correct", r)
+        reason = _drop_reason(r, scorer, cfg)
+        r["keep"], r["drop_reason"] = reason is None, reason
+        del r["loop_period"]
+    return out
+
+
+def _drop_reason(r: dict, scorer: Scorer, cfg: FilterConfig) -> str | None:
+    if r.get("finish_reason") == "error" or r.get("error"):
+        return "generation_error"
+    if r["verdict"] == "truncated":
+        return "truncated"
+    if r["loop_detected"]:
+        return "looping"
+    if r["verdict"] != "correct":
+        return r["verdict"]  # wrong / no_answer / timeout / gold_unparsable
+    failing = scorer.failing(r)
+    if failing is not None:
+        return failing
+    if r["quality"] < cfg.min_quality:
+        return "low_quality"
+    return None
+
+
+class _FilterActor:
+    """One Ray Data actor: a redundancy scorer and a persistent deadline worker for the sympy checks."""
+
+    def __init__(self, cfg: dict) -> None:
+        from filters.deadline import DeadlinePool
+        from filters.verify import check_answer
+
+        self.cfg = FilterConfig.model_validate(cfg)
+        v = self.cfg.verify
+        self.pool = DeadlinePool(check_answer, workers=1, timeout_s=v.timeout_s, memory_mb=v.memory_mb)
+        self.scorer = Scorer(self.cfg.redundancy)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = score_batch(batch.to_pylist(), self.cfg, self.pool, self.scorer)
+        return pa.Table.from_pylist([_output_row(r) for r in rows], schema=_OUT_SCHEMA)
+
+
+_OUT_SCHEMA = FILTERED.append(pa.field("_idx", pa.int64()))
+
+
+def _output_row(r: dict) -> dict:
+    return {f.name: r.get(f.name) for f in _OUT_SCHEMA}
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _problem_columns(chains: pa.Table, problems: dict[str, dict]) -> pa.Table:
+    pids = chains.column("problem_id").to_pylist()
+    for col, key in _PROBLEM_COLS.items():
+        values = [problems[p].get(key) for p in pids]
+        typ = pa.list_(pa.string()) if col == "_choices" else pa.int64() if col == "_budget" else pa.string()
+        chains = chains.append_column(col, pa.array(values, type=typ))
+    return chains
+
+
+def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[str, dict]]:
+    """(chains, {problem_id: problem}) from the generate step, or from `cfg.source` when there is none."""
+    problems: dict[str, dict] = {}
+    prob_dirs = [d for d in ctx.input_dirs("problems") if shard_files(d)]
+    if prob_dirs:
+        for p in ctx.read_input("problems").to_pylist():
+            problems[p["problem_id"]] = p
+    chain_dirs = ctx.input_dirs("chains")
+    if chain_dirs:
+        if cfg.source is not None:
+            raise ValueError("filter.source is set but the run has a generate step: remove one of them")
+        if not any(shard_files(d) for d in chain_dirs):
+            return pa.Table.from_pylist([], schema=CHAINS), problems
+        return ctx.read_input("chains"), problems
+    if cfg.source is None:
+        raise ValueError(
+            f"step {ctx.step!r}: no generate step feeds this filter and filter.source is not set "
+            "(configure a `generate` section, or filter.source with the path of existing chains)"
+        )
+    from filters.external import load_chains
+
+    loaded = load_chains(cfg.source)
+    for reason, n in loaded.quarantined.items():
+        m.quarantine(reason, n)
+    m.rows_in += sum(loaded.quarantined.values())
+    with ctx.writer(PROBLEMS, "problems", sub="problems") as w:
+        w.write(loaded.problems)
+    for p in loaded.problems.to_pylist():
+        problems.setdefault(p["problem_id"], p)
+    m.metrics["external_source"] = cfg.source.path
+    m.metrics["external_problems"] = loaded.problems.num_rows
+    return loaded.chains, problems
+
+
+def _run_batches(table: pa.Table, cfg: FilterConfig) -> list[pa.Table]:
+    if cfg.workers == 0:
+        from filters.deadline import DeadlinePool
+        from filters.verify import check_answer
+
+        v = cfg.verify
+        with DeadlinePool(check_answer, workers=1, timeout_s=v.timeout_s, memory_mb=v.memory_mb) as pool:
+            scorer = Scorer(cfg.redundancy)
+            parts = []
+            for off in range(0, table.num_rows, cfg.batch_size):
+                rows = score_batch(table.slice(off, cfg.batch_size).to_pylist(), cfg, pool, scorer)
+                parts.append(pa.Table.from_pylist([_output_row(r) for r in rows], schema=_OUT_SCHEMA))
+            return parts
+    import ray
+
+    from pipeline.ray_utils import init_ray
+
+    init_ray()
+    # one block per batch, so the actor pool gets work to share from the start
+    blocks = [table.slice(off, cfg.batch_size) for off in range(0, table.num_rows, cfg.batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _FilterActor,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_worker,
+    )
+    return list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def run(cfg: FilterConfig, ctx) -> Manifest:
+    m = ctx.manifest()
+    t0 = time.perf_counter()
+    chains, problems = _load_inputs(cfg, ctx, m)
+    known = pa.array([p in problems for p in chains.column("problem_id").to_pylist()], type=pa.bool_())
+    n_unknown = chains.num_rows - sum(known.to_pylist())
+    if n_unknown:
+        log.warning("filter: %d chains name a problem in no problems table; quarantined", n_unknown)
+        m.quarantine("unknown_problem", n_unknown)
+    m.rows_in += chains.num_rows
+    chains = chains.filter(known)
+    chains = chains.append_column("_idx", pa.array(range(chains.num_rows), type=pa.int64()))
+    chains = _problem_columns(chains, problems)
+    verdicts: Counter = Counter()
+    n_loop, q_sum, t_verify = 0, 0.0, 0.0
+    parts = _run_batches(chains, cfg) if chains.num_rows else []
+    with ctx.writer(FILTERED, "chains") as w:
+        if parts:
+            result = pa.concat_tables(parts).sort_by("_idx")  # the input order, whatever the actors' order
+            if result.num_rows != chains.num_rows:
+                raise RuntimeError(f"filter: {chains.num_rows} chains in but {result.num_rows} scored")
+            d = result.select(["verdict", "keep", "drop_reason", "loop_detected", "quality", "verify_s"]).to_pydict()
+            for verdict, keep, reason, loop, q, vs in zip(*d.values(), strict=True):
+                verdicts[verdict] += 1
+                n_loop += bool(loop)
+                t_verify += vs or 0.0
+                if keep:
+                    m.kept += 1
+                    q_sum += q or 0.0
+                else:
+                    m.drop(reason)
+            w.write(result.drop(["_idx"]))
+    m.outputs["chains"] = chains.num_rows
+    m.metrics.update(
+        verdicts=dict(verdicts),
+        loops=n_loop,
+        mean_kept_quality=round(q_sum / m.kept, 4) if m.kept else None,
+        verify_s_total=round(t_verify, 3),
+        chains_per_s=round(chains.num_rows / max(1e-9, time.perf_counter() - t0), 2),
+        workers=cfg.workers,
+    )
+    log.info("filter: %d chains | kept %d | verdicts %s", chains.num_rows, m.kept, dict(verdicts))
+    return m
