@@ -32,5 +32,6 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("pipeline.ingest", "IngestConfig"),
     "decontaminate": StageSpec("filters.decontaminate", "DecontaminateConfig"),
     "assess": StageSpec("filters.assess", "AssessConfig"),
+    "filter": StageSpec("filters.filter", "FilterConfig"),
     "curate": StageSpec("filters.curate", "CurateConfig"),
 }
