@@ -32,6 +32,8 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("pipeline.ingest", "IngestConfig"),
     "decontaminate": StageSpec("filters.decontaminate", "DecontaminateConfig"),
     "assess": StageSpec("filters.assess", "AssessConfig"),
+    "caption": StageSpec("teachers.caption", "CaptionConfig"),
+    "generate": StageSpec("teachers.generate", "GenerateConfig"),
     "filter": StageSpec("filters.filter", "FilterConfig"),
     "curate": StageSpec("filters.curate", "CurateConfig"),
 }

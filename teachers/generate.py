@@ -1,0 +1,376 @@
+"""The generate stage: problems × k samples → `chains`, fanned out over a Ray Data actor pool.
+
+    r1v run configs/demo.yaml --stage generate                    # scripted teacher, CPU, seconds
+    r1v run configs/r1v-38b.yaml --stage generate                 # R1 on vLLM, tensor parallel 8
+
+One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); `workers: 0` runs the same
+per-batch code in-process without Ray. The vllm engine goes through Ray's `ray.data.llm` processor.
+
+Per sample: chain_id = stable_hash(problem_id, teacher, round, sample_idx) and seed = stable_hash(run
+seed, chain_id), so a resumed or repeated run asks the same questions. Sampling parameters come from
+the problem row where the assess stage set them (repetition_penalty, max_tokens; also temperature and
+top_p if present), else from this config. Before any engine call the driver looks each sample up in
+the generation cache (teachers/cache.py); results stream back and are written in shards of
+`flush_rows`, so a killed run loses at most one unflushed shard and, resumed (same fingerprint),
+generates only the missing samples. In round r > 0 only the problems on the previous curate step's
+retry list are generated.
+
+Manifest: rows_in = expected samples; kept = chains without error; engine errors are quarantined by
+kind (the rows stay in the table with finish_reason=error). Metrics: engine requests, cache hits,
+resumed chains, prompt/completion tokens, retries, errors by kind, finish reasons, tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.rundir import Manifest, read_table, shard_files, stable_hash
+from pipeline.schema import CHAINS, SAMPLING, conform, extend
+from teachers.cache import GenerationCache, cache_key
+from teachers.engines import (
+    EngineConfig,
+    GenRequest,
+    GenResult,
+    ScriptedEngineConfig,
+    engine_config,
+    error_result,
+    make_engine,
+)
+from teachers.render import PromptConfig, RenderError, prompt_record, read_prompt_file, render_messages
+
+log = logging.getLogger(__name__)
+
+TABLES = ("chains",)
+RESUMABLE = True  # run() reads back a killed attempt's shards and generates only the rest
+
+# Problem fields a request carries to the engine (the scripted engine needs the gold answer).
+_PROBLEM_FIELDS = ("problem_id", "question", "answer", "answer_type", "choices", "difficulty", "needs_image")
+
+REQUESTS = pa.schema(
+    [
+        pa.field("chain_id", pa.string()),
+        pa.field("problem_id", pa.string()),
+        pa.field("round", pa.int32()),
+        pa.field("teacher", pa.string()),
+        pa.field("sample_idx", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("sampling", SAMPLING),
+        pa.field("prompt", pa.string()),
+        pa.field("messages", pa.string()),
+        pa.field("problem", pa.string()),
+    ]
+)
+# What a worker returns: the chain plus accounting columns the driver strips before writing.
+WORKER_OUT = extend(CHAINS, pa.field("_retries", pa.int64()), pa.field("_error_kind", pa.string()))
+
+
+class GenerateConfig(StageConfig):
+    engine: EngineConfig = Field(default_factory=ScriptedEngineConfig, description="the teacher engine")
+    samples_per_problem: int = Field(4, ge=1, description="k chains per problem")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(4096, ge=1, description="completion budget when the problem row sets none")
+    repetition_penalty: float = Field(1.0, gt=0, description="used when the problem row sets none")
+    use_row_sampling: bool = Field(
+        True, description="take repetition_penalty / max_tokens / temperature / top_p from the problem row if set"
+    )
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    workers: int = Field(1, ge=0, description="engine actors (one engine each); 0 = in-process, no Ray")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per engine actor (vllm: tensor x pipeline parallel)")
+    batch_size: int = Field(16, ge=1, description="requests per worker call")
+    flush_rows: int = Field(256, ge=1, description="chains per shard: a kill loses at most this many")
+    cache: bool = Field(True, description="use the per-sample generation cache")
+    cache_dir: str | None = Field(None, description="cache directory (default: <run.root>/.cache/generations)")
+    limit: int | None = Field(None, ge=1, description="generate for the first N problems only")
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _sampling(cfg: GenerateConfig, problem: dict[str, Any], seed: int) -> dict[str, Any]:
+    s = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+         "repetition_penalty": cfg.repetition_penalty, "seed": seed}
+    if cfg.use_row_sampling:
+        for key in ("temperature", "top_p", "max_tokens", "repetition_penalty"):
+            v = problem.get(key)
+            if v is not None:
+                s[key] = int(v) if key == "max_tokens" else float(v)
+    return s
+
+
+def build_requests(
+    problems: list[dict[str, Any]], cfg: GenerateConfig, round_: int, run_seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(request rows, chain rows for samples whose prompt could not be rendered)."""
+    teacher = cfg.engine.teacher_name()
+    system = read_prompt_file(cfg.prompt.system_prompt_file)
+    reqs, bad = [], []
+    for p in problems:
+        try:
+            messages = render_messages(p, cfg.prompt, cfg.engine.text_only, system)
+            err = None
+        except RenderError as e:
+            messages, err = None, str(e)
+        pjson = json.dumps({k: p.get(k) for k in _PROBLEM_FIELDS}, ensure_ascii=False)
+        for s in range(cfg.samples_per_problem):
+            chain_id = stable_hash(p["problem_id"], teacher, round_, s)
+            seed = int(stable_hash(run_seed, chain_id, n=8), 16) & 0x7FFFFFFF
+            row = {"chain_id": chain_id, "problem_id": p["problem_id"], "round": round_, "teacher": teacher,
+                   "sample_idx": s, "seed": seed, "sampling": _sampling(cfg, p, seed)}
+            if err is not None:
+                bad.append(_chain_row(row, error_result("bad_input", err)))
+                continue
+            reqs.append({**row, "prompt": prompt_record(messages), "messages": json.dumps(messages), "problem": pjson})
+    return reqs, bad
+
+
+def _chain_row(req: dict[str, Any], res: GenResult) -> dict[str, Any]:
+    return {
+        "chain_id": req["chain_id"], "problem_id": req["problem_id"], "round": req["round"],
+        "teacher": req["teacher"], "sample_idx": req["sample_idx"], "seed": req["seed"],
+        "prompt": req.get("prompt"), "completion": res.text, "reasoning": res.reasoning, "response": res.response,
+        "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": res.completion_tokens, "sampling": req["sampling"], "latency_s": res.latency_s,
+        "error": res.error, "simulated": res.simulated, "_retries": res.retries, "_error_kind": res.error_kind,
+    }
+
+
+def _result_from_cache(entry: dict[str, Any]) -> GenResult:
+    return GenResult(**{k: entry.get(k) for k in ("text", "reasoning", "response", "finish_reason", "prompt_tokens",
+                                                  "completion_tokens", "latency_s", "simulated")})
+
+
+# ---------------------------------------------------------------- the per-batch worker
+
+
+class GenerateWorker:
+    """One engine; maps a batch of request rows to chain rows. Plain Python: Ray only fans it out."""
+
+    def __init__(self, engine: dict[str, Any]) -> None:
+        self.engine = make_engine(engine_config(engine))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        requests = [
+            GenRequest(messages=json.loads(r["messages"]), sampling=dict(r["sampling"]),
+                       problem=json.loads(r["problem"]), request_id=r["chain_id"])
+            for r in rows
+        ]
+        results = self.engine.generate(requests)
+        if len(results) != len(rows):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(rows)} requests")
+        return conform(pa.Table.from_pylist([_chain_row(r, res) for r, res in zip(rows, results, strict=True)],
+                                            schema=WORKER_OUT), WORKER_OUT)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# ---------------------------------------------------------------- driver
+
+
+class _Accounting:
+    def __init__(self) -> None:
+        self.engine_requests = 0
+        self.cache_hits = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.engine_completion_tokens = 0
+        self.retries = 0
+        self.errors: Counter[str] = Counter()
+        self.finish: Counter[str] = Counter()
+        self.engine_s = 0.0
+
+    def add(self, t: pa.Table, from_engine: bool) -> None:
+        d = t.select(["prompt_tokens", "completion_tokens", "finish_reason", "_retries", "_error_kind"]).to_pydict()
+        n = t.num_rows
+        pt = sum(x or 0 for x in d["prompt_tokens"])
+        ct = sum(x or 0 for x in d["completion_tokens"])
+        self.prompt_tokens += pt
+        self.completion_tokens += ct
+        if from_engine:
+            self.engine_requests += n
+            self.engine_completion_tokens += ct
+            self.retries += sum(x or 0 for x in d["_retries"])
+        else:
+            self.cache_hits += n
+        self.finish.update(x or "none" for x in d["finish_reason"])
+        self.errors.update(k for k in d["_error_kind"] if k)
+
+
+def _cache_dir(cfg: GenerateConfig, ctx: Any) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(ctx.run_config.run.root) / ".cache" / "generations"
+
+
+def _load_problems(cfg: GenerateConfig, ctx: Any, m: Manifest) -> list[dict[str, Any]]:
+    table = ctx.read_input("problems")
+    cols = [c for c in table.column_names if c != "images" or not cfg.engine.text_only]
+    problems = table.select(cols).to_pylist()
+    if ctx.round > 0 and "retry" in ctx.inputs:
+        wanted: set[str] = set()
+        for d in ctx.input_dirs("retry"):
+            if shard_files(d / "retry"):
+                wanted |= set(read_table(d / "retry", ["problem_id"]).column("problem_id").to_pylist())
+        problems = [p for p in problems if p["problem_id"] in wanted]
+        m.metrics["retry_problems"] = len(wanted)
+    seen: set[str] = set()
+    unique = []
+    for p in problems:
+        if p["problem_id"] in seen:
+            m.drop("duplicate_problem", cfg.samples_per_problem)
+            m.rows_in += cfg.samples_per_problem
+            continue
+        seen.add(p["problem_id"])
+        unique.append(p)
+    return unique[: cfg.limit] if cfg.limit else unique
+
+
+def _engine_batches(todo: pa.Table, cfg: GenerateConfig):
+    """Stream chain batches for the requests in `todo` from the configured engine."""
+    if cfg.workers == 0:
+        worker = GenerateWorker(cfg.engine.model_dump())
+        try:
+            for i in range(0, todo.num_rows, cfg.batch_size):
+                yield worker(todo.slice(i, cfg.batch_size))
+        finally:
+            worker.close()
+        return
+    import ray
+
+    blocks = [todo.slice(i, cfg.batch_size) for i in range(0, todo.num_rows, cfg.batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    if cfg.engine.kind == "vllm":
+        from teachers.engines.vllm import vllm_processor
+
+        out = vllm_processor(cfg)(ds)
+    else:
+        out = ds.map_batches(
+            GenerateWorker,
+            fn_constructor_kwargs={"engine": cfg.engine.model_dump()},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None,
+        )
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield conform(batch, WORKER_OUT)
+
+
+def generate_rows(todo: list[dict[str, Any]], cfg: Any, cache: GenerationCache | None
+                  ) -> Iterator[tuple[pa.Table, bool]]:
+    """(chain batch, came from the engine) for request rows: cache hits first, then engine results.
+
+    `cfg` is any config with engine, workers, batch_size, cpus_per_worker, gpus_per_worker. Successful
+    engine results are stored in the cache as they arrive.
+    """
+    identity = cfg.engine.cache_identity()
+    keys = {r["chain_id"]: cache_key(identity, r["messages"], r["sampling"]) for r in todo} if cache else {}
+    misses, hits = [], []
+    for r in todo:
+        entry = cache.get(keys[r["chain_id"]]) if cache else None
+        if entry is None:
+            misses.append(r)
+        else:
+            hits.append(_chain_row(r, _result_from_cache(entry)))
+    if hits:
+        yield pa.Table.from_pylist(hits, schema=WORKER_OUT), False
+    if misses:
+        for batch in _engine_batches(pa.Table.from_pylist(misses, schema=REQUESTS), cfg):
+            if cache:
+                _cache_put(cache, keys, batch)
+            yield batch, True
+
+
+def _strip(t: pa.Table) -> pa.Table:
+    return t.drop_columns([c for c in ("_retries", "_error_kind") if c in t.column_names])
+
+
+def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
+    m = ctx.manifest()
+    problems = _load_problems(cfg, ctx, m)
+    expected = len(problems) * cfg.samples_per_problem
+    m.rows_in += expected
+    requests, bad = build_requests(problems, cfg, ctx.round, ctx.run_config.run.seed)
+    writer = ctx.writer(CHAINS, "chains", rows_per_shard=cfg.flush_rows)
+    done: set[str] = set()
+    if ctx.resume and shard_files(ctx.out_dir):
+        done = set(read_table(ctx.out_dir, ["chain_id"]).column("chain_id").to_pylist())
+        log.info("generate: resuming, %d chains already written", len(done))
+    acct = _Accounting()
+    bad = [b for b in bad if b["chain_id"] not in done]
+    if bad:
+        writer.write(_strip(pa.Table.from_pylist(bad, schema=WORKER_OUT)))
+        acct.errors.update(b["_error_kind"] for b in bad)
+    todo = [r for r in requests if r["chain_id"] not in done]
+    log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
+             expected, len(done), len(todo), cfg.engine.kind, cfg.engine.teacher_name())
+    t0 = time.perf_counter()
+    cache = GenerationCache(_cache_dir(cfg, ctx)) if cfg.cache else None
+    for batch, from_engine in generate_rows(todo, cfg, cache):
+        acct.add(batch, from_engine)
+        writer.write(_strip(batch))
+        if from_engine:
+            log.info("generate: %d/%d generated | %d completion tokens", acct.engine_requests,
+                     len(todo) - acct.cache_hits, acct.engine_completion_tokens)
+    acct.engine_s = time.perf_counter() - t0
+    writer.close()
+    _finish(m, ctx, acct, expected, len(done))
+    return m
+
+
+def _cache_put(cache: GenerationCache, keys: dict[str, str], batch: pa.Table) -> None:
+    for row in batch.to_pylist():
+        if row["error"] is None:
+            cache.put(keys[row["chain_id"]], {
+                "text": row["completion"], "reasoning": row["reasoning"], "response": row["response"],
+                "finish_reason": row["finish_reason"], "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"], "latency_s": row["latency_s"],
+                "simulated": row["simulated"],
+            })
+
+
+def _finish(m: Manifest, ctx: Any, acct: _Accounting, expected: int, resumed: int) -> None:
+    """Counts from what is on disk (resumed shards included), so they add up after any restart."""
+    if shard_files(ctx.out_dir):
+        out = read_table(ctx.out_dir, ["chain_id", "error"]).to_pydict()
+    else:
+        out = {"chain_id": [], "error": []}
+    ids = out["chain_id"]
+    if len(ids) != len(set(ids)):
+        dup = [k for k, v in Counter(ids).items() if v > 1][:5]
+        raise RuntimeError(f"step {ctx.step!r}: duplicate chain ids in {ctx.out_dir}: {dup}")
+    if len(ids) != expected:
+        raise RuntimeError(f"step {ctx.step!r}: {len(ids)} chains written but {expected} expected")
+    errors = Counter(e.split(":", 1)[0] for e in out["error"] if e)
+    m.kept = len(ids) - sum(errors.values())
+    for kind, n in errors.items():
+        m.quarantine(f"engine_error:{kind}", n)
+    m.outputs = {"chains": len(ids)}
+    m.metrics.update({
+        "requests": acct.engine_requests,
+        "cache_hits": acct.cache_hits,
+        "resumed": resumed,
+        "prompt_tokens": acct.prompt_tokens,
+        "completion_tokens": acct.completion_tokens,
+        "retries": acct.retries,
+        "errors": dict(acct.errors),
+        "finish_reasons": dict(acct.finish),
+        "engine_s": round(acct.engine_s, 3),
+        "tokens_per_s": round(acct.engine_completion_tokens / acct.engine_s, 1) if acct.engine_s > 0 else 0.0,
+    })
+    log.info("generate: %d chains (%d kept) | requests %d | cache hits %d | retries %d | tok/s %.1f",
+             len(ids), m.kept, acct.engine_requests, acct.cache_hits, acct.retries, m.metrics["tokens_per_s"])
