@@ -12,21 +12,38 @@ class ImageError(ValueError):
     """An image that cannot be decoded; the message names the file or row."""
 
 
-def image_record(data: bytes, where: str = "") -> dict[str, Any]:
-    """Validate encoded image bytes fully (decode every pixel) and describe them.
+CHECKS = ("structure", "draft", "full")
 
-    Raises ImageError for empty, truncated or non-image data, so corrupt files are quarantined at
-    ingest instead of failing a GPU worker later.
+
+def image_record(data: bytes, where: str = "", check: str = "structure") -> dict[str, Any]:
+    """Validate encoded image bytes and describe them: {bytes, format, width, height}.
+
+    check="structure": header, chunk CRCs (PNG) and end-of-image markers (JPEG EOI, PNG IEND), no pixel
+    decoding; catches garbage, truncated and damaged-container files at ~20 µs an image.
+    check="draft": also decode the pixels (JPEG at 1/8 scale), which catches corrupt entropy data.
+    check="full": decode every pixel at full size.
+    Raises ImageError, so corrupt files are quarantined at ingest instead of failing a GPU worker later.
     """
     if not data:
         raise ImageError(f"{where}: empty image file")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "").lower()
-            im.load()  # verify() misses truncated pixel data; load() decodes it
             width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            if check == "structure":
+                im.verify()
+                if fmt == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+                    raise ImageError(f"{where}: truncated JPEG (no end-of-image marker)")
+            else:
+                if check == "draft" and fmt == "jpeg":
+                    im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                im.load()  # verify() misses damaged pixel data; load() decodes it
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{where}: not a readable image ({e})") from e
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{where}: image has no pixels ({width}x{height})")
     return {"bytes": data, "format": fmt or "unknown", "width": width, "height": height}
 
 

@@ -79,7 +79,12 @@ class IngestConfig(StageConfig):
     sources: list[SourceConfig] = Field(min_length=1, description="problem sources, read in order")
     limit: int | None = Field(None, ge=1, description="stop after this many rows in total")
     dedupe: bool = Field(True, description="drop exact duplicates (same problem_id)")
-    image_threads: int = Field(4, ge=1, description="threads decoding images (PIL releases the GIL)")
+    image_check: Literal["structure", "draft", "full"] = Field(
+        "structure",
+        description="how images are checked: container structure and end markers (fast), a reduced-size "
+        "pixel decode, or a full decode (pipeline.images.image_record)",
+    )
+    image_threads: int = Field(4, ge=1, description="threads checking images (PIL releases the GIL)")
     rows_per_shard: int = Field(5000, ge=1)
 
 
@@ -255,7 +260,7 @@ def _iter_synthetic(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
 _READERS = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf, "synthetic": _iter_synthetic}
 
 
-def _load_images(value: Any, base: Path | None, ref: str) -> list[dict]:
+def _load_images(value: Any, base: Path | None, ref: str, check: str) -> list[dict]:
     """Image structs from paths (relative to the source file), raw bytes, or {bytes, path} dicts."""
     if value is None:
         return []
@@ -282,7 +287,7 @@ def _load_images(value: Any, base: Path | None, ref: str) -> list[dict]:
                 raise _Bad("missing_image", f"{where}: cannot read {p}: {e.strerror}") from e
             where = f"{where} ({p})"
         try:
-            out.append(image_record(data, where))
+            out.append(image_record(data, where, check))
         except ImageError as e:
             raise _Bad("corrupt_image", str(e)) from e
     return out
@@ -292,7 +297,7 @@ def _get(row: dict, key: str | None) -> Any:
     return row.get(key) if key else None
 
 
-def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None) -> dict:
+def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check: str) -> dict:
     c = src.columns
     question = _get(row, c.question)
     if not isinstance(question, str) or not question.strip():
@@ -302,7 +307,7 @@ def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None) -> di
         raise _Bad("missing_answer", f"{ref}: no answer in column {c.answer!r}")
     choices = normalise_choices(_get(row, c.choices))
     answer, answer_text = _choice_fields(answer, choices, _get(row, c.answer_text))
-    images = _load_images(_get(row, c.images), base, ref)
+    images = _load_images(_get(row, c.images), base, ref, check)
     atype = _get(row, c.answer_type)
     if atype not in ("number", "expression", "interval", "set", "tuple", "matrix", "choice", "text"):
         atype = infer_answer_type(answer, choices)
@@ -340,12 +345,30 @@ def _quarantine_row(src: SourceConfig, ref: str, bad: _Bad, row: dict | None) ->
     return {"source": src.label(), "source_ref": ref, "reason": bad.reason, "error": bad.error, "row_json": row_json}
 
 
-def load_sources(
-    sources: list[SourceConfig], limit: int | None = None, dedupe: bool = True, threads: int = 4
-) -> Iterator[tuple[str, dict]]:
-    """Yield ("problem", row) / ("quarantine", row) / ("duplicate", row) for every row read.
+def _process_chunk(chunk: list, src: SourceConfig, base: Path | None, check: str) -> list[tuple[str, dict]]:
+    out = []
+    for ref, raw in chunk:
+        try:
+            if isinstance(raw, _Bad):
+                raise raw
+            out.append(("ok", _to_problem(raw, src, ref, base, check)))
+        except _Bad as bad:
+            out.append(("quarantine", _quarantine_row(src, ref, bad, None if isinstance(raw, _Bad) else raw)))
+    return out
 
-    The one place that reads sources: the ingest stage and evaluate's eval sets both use it.
+
+def load_sources(
+    sources: list[SourceConfig],
+    limit: int | None = None,
+    dedupe: bool = True,
+    threads: int = 4,
+    image_check: str = "structure",
+) -> Iterator[tuple[str, dict]]:
+    """Yield ("problem", row) / ("quarantine", row) / ("duplicate", row) for every row read, in order.
+
+    The one place that reads sources: the ingest stage and evaluate's eval sets both use it. Rows are
+    processed in chunks on a thread pool (image reads and checks release the GIL), results kept in
+    order, with a bounded look-ahead so memory stays flat on big sources.
     Raises IngestError at once for a missing file.
     """
     seen: set[str] = set()
@@ -354,40 +377,29 @@ def load_sources(
         for i, src in enumerate(sources):
             if src.kind != "synthetic" and (not src.path or not Path(src.path).exists()):
                 raise IngestError(f"ingest.sources.{i}.path: file not found: {src.path}")
-            base = Path(src.path).parent if src.path and Path(src.path).is_file() else (Path(src.path) if src.path else None)
+            p = Path(src.path) if src.path else None
+            base = (p.parent if p.is_file() else p) if p else None
             n_src = 0
-            window: list = []
-
-            def drain(window: list) -> Iterator[tuple[str, dict]]:
-                for ref, raw, fut in window:
-                    try:
-                        yield "ok", fut.result()
-                    except _Bad as bad:
-                        yield "quarantine", _quarantine_row(src, ref, bad, raw)
-
+            chunk: list = []
+            futures: list = []
             for ref, raw in _READERS[src.kind](src):
                 if (src.limit and n_src >= src.limit) or (limit and total >= limit):
                     break
                 n_src += 1
                 total += 1
-                if isinstance(raw, _Bad):
-                    window.append((ref, None, _failed(pool, raw)))
-                else:
-                    window.append((ref, raw, pool.submit(_to_problem, raw, src, ref, base)))
-                if len(window) >= 64:
-                    yield from _dedupe(drain(window), seen, dedupe)
-                    window = []
-            yield from _dedupe(drain(window), seen, dedupe)
+                chunk.append((ref, raw))
+                if len(chunk) >= 32:
+                    futures.append(pool.submit(_process_chunk, chunk, src, base, image_check))
+                    chunk = []
+                if len(futures) > 2 * threads:
+                    yield from _dedupe(futures.pop(0).result(), seen, dedupe)
+            if chunk:
+                futures.append(pool.submit(_process_chunk, chunk, src, base, image_check))
+            for fut in futures:
+                yield from _dedupe(fut.result(), seen, dedupe)
 
 
-def _failed(pool: ThreadPoolExecutor, bad: _Bad):
-    def _raise() -> None:
-        raise bad
-
-    return pool.submit(_raise)
-
-
-def _dedupe(items: Iterator[tuple[str, dict]], seen: set[str], dedupe: bool) -> Iterator[tuple[str, dict]]:
+def _dedupe(items, seen: set[str], dedupe: bool) -> Iterator[tuple[str, dict]]:
     for kind, row in items:
         if kind == "ok":
             if dedupe and row["problem_id"] in seen:
@@ -408,7 +420,7 @@ def run(cfg: IngestConfig, ctx) -> Manifest:
     with ctx.writer(PROBLEMS, "problems", rows_per_shard=cfg.rows_per_shard) as out, ctx.writer(
         QUARANTINE, "quarantine", sub="quarantine"
     ) as quar:
-        for kind, row in load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads):
+        for kind, row in load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads, cfg.image_check):
             m.rows_in += 1
             stats = per_source.setdefault(row["source"], {"rows": 0, "kept": 0})
             stats["rows"] += 1
