@@ -64,12 +64,20 @@ def _bad_jsonl(tmp_path: Path) -> Path:
     (d / "img" / "ok2.png").write_bytes(png_bytes((0, 0, 255)))
     (d / "img" / "corrupt.png").write_bytes(png_bytes()[:40])
     (d / "img" / "garbage.jpg").write_bytes(b"this is not an image")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(buf, format="JPEG")
+    (d / "img" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
     return write_jsonl(d / "p.jsonl", [
         {"question": "What is 2+2?", "answer": "4", "images": "img/ok.png"},
         '{"question": "broken line", "answer": ',
         {"question": "Which colour?", "answer": "(B)", "choices": ["red", "blue"], "images": ["img/ok2.png"]},
         {"question": "truncated image", "answer": "1", "images": "img/corrupt.png"},
         {"question": "garbage image", "answer": "1", "images": "img/garbage.jpg"},
+        {"question": "truncated jpeg", "answer": "1", "images": ["img/ok.png", "img/cut.jpg"]},
         {"question": "missing image", "answer": "1", "images": "img/nope.png"},
         {"question": "no answer here", "answer": None},
         {"question": "empty answer", "answer": "  "},
@@ -83,12 +91,13 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_local):
     cfg = write_config(tmp_path, {"ingest": {"sources": [{"kind": "jsonl", "path": str(path)}]}})
     runner, res = run_config(cfg)
     m: Manifest = res["ingest"]
-    assert m.rows_in == 10
+    assert m.rows_in == 11
     assert m.kept == 3
     assert m.dropped == {"duplicate": 1}
-    assert m.quarantined == {"bad_json": 1, "corrupt_image": 2, "missing_image": 1, "missing_answer": 2}
+    assert m.quarantined == {"bad_json": 1, "corrupt_image": 3, "missing_image": 1, "missing_answer": 2}
     quar = read_rows(runner.run_dir / "ingest" / "quarantine")
-    assert len(quar) == 6
+    assert len(quar) == 7
+    assert any("cut.jpg" in q["error"] and "truncated" in q["error"] for q in quar)
     by_reason = {q["reason"]: q for q in quar}
     assert f"{path}:2" in by_reason["bad_json"]["error"]
     assert "nope.png" in by_reason["missing_image"]["error"]
