@@ -36,4 +36,5 @@ STAGES: dict[str, StageSpec] = {
     "generate": StageSpec("teachers.generate", "GenerateConfig"),
     "filter": StageSpec("filters.filter", "FilterConfig"),
     "curate": StageSpec("filters.curate", "CurateConfig"),
+    "assemble": StageSpec("trainers.assemble", "AssembleConfig"),
 }

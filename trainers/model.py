@@ -87,8 +87,8 @@ class AssembleConfig(StageConfig):
     def _check(self) -> AssembleConfig:
         if self.init == "tiny_random" and (self.vision_path or self.llm_path):
             raise ValueError("init=tiny_random builds its own checkpoints: leave vision_path and llm_path unset")
-        if self.init == "pretrained" and not self.reassemble_from and not (self.vision_path and self.llm_path):
-            raise ValueError("init=pretrained needs vision_path and llm_path (or reassemble_from + llm_path)")
+        if self.init == "pretrained" and not self.llm_path:
+            raise ValueError("init=pretrained needs llm_path (and vision_path, unless re-assembling a student)")
         if self.projector_depth != 2:
             raise ValueError(
                 f"projector_depth={self.projector_depth}: the standard LLaVA/InternVL projectors have exactly 2 "
@@ -295,6 +295,8 @@ def build_student(cfg: AssembleConfig):
     """(model, processor, provenance record) in memory, from `cfg.vision_path` and `cfg.llm_path`."""
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+    if not cfg.vision_path:
+        raise ValueError("assemble: vision_path is required (or reassemble_from, to keep a student's encoder)")
     vpath, lpath = _check_dir(cfg.vision_path, "vision_path"), _check_dir(cfg.llm_path, "llm_path")
     dtype = torch_dtype(cfg.dtype)
     vision = _load_vision(vpath, dtype)

@@ -82,7 +82,7 @@ def test_parts_are_the_source_checkpoints(tiny_ckpts, tiny_student):
         ({"projector_depth": 3}, "exactly 2 linear layers"),
         ({"layout": "llava", "projector_layernorm": True}, "no projector LayerNorm"),
         ({"init": "tiny_random", "vision_path": "x"}, "leave vision_path and llm_path unset"),
-        ({"vision_path": None}, "needs vision_path and llm_path"),
+        ({"llm_path": None}, "init=pretrained needs llm_path"),
         ({"pixel_shuffle": 1.5, "layout": "internvl"}, "must be in (0, 1]"),
     ],
 )
@@ -99,6 +99,8 @@ def test_bad_paths_and_layout_errors(tiny_ckpts, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         assemble_student(AssembleConfig(vision_path=str(tmp_path / "nope"), llm_path=str(tiny_ckpts["llm"])), tmp_path / "o")
+    with pytest.raises(ValueError, match="vision_path is required"):
+        assemble_student(AssembleConfig(llm_path=str(tiny_ckpts["llm"])), tmp_path / "o")
     cfg = AssembleConfig(vision_path=str(tiny_ckpts["vision"]), llm_path=str(tiny_ckpts["llm"]), pixel_shuffle=0.5)
     with pytest.raises(ValueError, match="need layout internvl"):
         assemble_student(cfg, tmp_path / "o")
