@@ -97,7 +97,7 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_local):
     assert m.quarantined == {"bad_json": 1, "corrupt_image": 3, "missing_image": 1, "missing_answer": 2}
     quar = read_rows(runner.run_dir / "ingest" / "quarantine")
     assert len(quar) == 7
-    assert any("cut.jpg" in q["error"] and "truncated" in q["error"] for q in quar)
+    assert any("cut.jpg" in q["error"] and "runcated" in q["error"] for q in quar)
     by_reason = {q["reason"]: q for q in quar}
     assert f"{path}:2" in by_reason["bad_json"]["error"]
     assert "nope.png" in by_reason["missing_image"]["error"]
