@@ -149,6 +149,8 @@ def _from_marker(tail: str) -> str | None:
     # "The answer is 12. So ..." -> "12"; keep decimal points ("6.17") and LaTeX.
     s = re.split(r"(?<!\d)\.(?:\s|$)|\.\s+(?=[A-Z])", s, maxsplit=1)[0]
     boxed = find_boxed(s)
+    if not boxed and re.search(r"\s(?:is|equals)\s", s):
+        s = re.split(r"\s(?:is|equals)\s", s)[-1]  # "**Answer:** The coefficient is 384" -> "384"
     s = clean_answer(boxed[-1] if boxed else s)
     return s or None
 

@@ -136,10 +136,14 @@ _SCRIPTS = {
     "hebrew": re.compile(r"[\u0590-\u05ff]"),
 }
 
+_NON_LATIN = re.compile("|".join(rx.pattern for k, rx in _SCRIPTS.items() if k != "latin"))
+
 
 def language_mixing(text: str) -> float:
     """Share of letters outside the dominant script (Greek is left out: it is math notation here)."""
-    counts = {k: len(rx.findall(text)) for k, rx in _SCRIPTS.items()} if not text.isascii() else {"latin": 1}
+    if text.isascii() or not _NON_LATIN.search(text):
+        return 0.0  # the common case, decided without counting every letter
+    counts = {k: len(rx.findall(text)) for k, rx in _SCRIPTS.items()}
     total = sum(counts.values())
     return 0.0 if total == 0 else 1.0 - max(counts.values()) / total
 
