@@ -14,24 +14,35 @@ one k-gram (so it matches when it appears verbatim, after normalisation, inside 
 `min_words` only an exact match of the whole normalised text counts, because a 3-word question such as
 "find the area" is not evidence of anything.
 
+Visual problems need more than text: "How many squares are in the picture?" over two different figures
+is two different problems. With `image_aware` (default), when both the problem and the eval item carry
+images, a text match counts only if some pair of their images also matches: by default the same decoded
+pixels (`image_match: exact`; a lossless re-encoding matches), or a 64-bit average hash within
+`image_hash_distance` bits (`perceptual`; survives resizing and JPEG, but over-matches plain diagrams
+drawn from one template, whose 8x8 thumbnails differ only in tiny labels). Eval sets given as JSONL/Parquet
+paths carry no images, so text decides alone for them; give an ingest-style `source` to compare images.
+
 Dropped rows are counted as `contaminated` in the manifest; which eval item each one matched (set, id,
 overlap) is written to the secondary table `<step>/matches/`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Literal
+from types import SimpleNamespace
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StageConfig
+from pipeline.ingest import SourceConfig
 from pipeline.rundir import Manifest
-from pipeline.schema import PROBLEMS
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +61,26 @@ MATCHES = pa.schema(
 
 
 class EvalSetConfig(StageConfig):
-    """One evaluation set to protect: a JSONL or Parquet file with a question column."""
+    """One evaluation set to protect: a JSONL/Parquet file with a question column, or an ingest source."""
 
-    path: str = Field(description="JSONL (.jsonl/.json) or Parquet (.parquet, or a directory of shards) file")
+    path: str | None = Field(None, description="JSONL (.jsonl/.json) or Parquet (.parquet, or a directory of shards)")
+    source: SourceConfig | None = Field(
+        None, description="an ingest-style source instead of `path` (images included, so figures are compared)"
+    )
     name: str | None = Field(None, description="label in the matches table (default: the file name)")
-    question_column: str = Field("question", description="column/key holding the question text")
+    question_column: str = Field("question", description="column/key holding the question text (with `path`)")
     id_column: str | None = Field(None, description="column/key holding the item id (default: the row index)")
 
+    @model_validator(mode="after")
+    def _one_of(self) -> EvalSetConfig:
+        if (self.path is None) == (self.source is None):
+            raise ValueError("give exactly one of `path` or `source`")
+        return self
+
     def label(self) -> str:
-        return self.name or Path(self.path).name
+        if self.name:
+            return self.name
+        return Path(self.path).name if self.path else self.source.label()
 
 
 class DecontaminateConfig(StageConfig):
@@ -71,6 +93,18 @@ class DecontaminateConfig(StageConfig):
     )
     min_words: int = Field(
         5, ge=1, description="questions shorter than `ngram` words but at least this long match as one verbatim k-gram"
+    )
+    image_aware: bool = Field(
+        True, description="when both sides have images, a text match also needs a matching image"
+    )
+    image_match: Literal["exact", "perceptual"] = Field(
+        "exact",
+        description="exact: same decoded pixels (any lossless re-encoding); perceptual: 64-bit average hash "
+        "within image_hash_distance (also catches resized/JPEG copies, but plain diagrams of one template "
+        "look alike at 8x8, so it over-matches templated figures)",
+    )
+    image_hash_distance: int = Field(
+        6, ge=0, le=64, description="perceptual mode: max Hamming distance of the 64-bit average hashes"
     )
 
     @field_validator("eval_sets")
@@ -87,6 +121,11 @@ def fingerprint_extra(cfg: DecontaminateConfig) -> dict:
     """Eval files live outside the run directory: their size and mtime join the fingerprint."""
     out = {}
     for e in cfg.eval_sets:
+        if e.path is None:
+            from pipeline.ingest import fingerprint_extra as source_stats
+
+            out[e.label()] = source_stats(SimpleNamespace(sources=[e.source]))
+            continue
         p = Path(e.path)
         files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
         out[e.label()] = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
@@ -122,14 +161,14 @@ class EvalIndex:
     Indexes for shorter k-grams (for short problems) are built lazily, one per k actually needed.
     """
 
-    def __init__(self, items: list[tuple[str, str, str]], n: int, min_words: int) -> None:
-        self.items = items  # (eval_set, eval_id, question)
+    def __init__(self, items: list[tuple], n: int, min_words: int) -> None:
+        self.items = items  # (eval_set, eval_id, question[, image hashes])
         self.n = n
         self.min_words = min_words
-        self.words = [normalize(q) for _, _, q in items]
-        self.exact: dict[str, int] = {}
+        self.words = [normalize(it[2]) for it in items]
+        self.exact_all: dict[str, list[int]] = defaultdict(list)
         for i, w in enumerate(self.words):
-            self.exact.setdefault(" ".join(w), i)
+            self.exact_all[" ".join(w)].append(i)
         self._index: dict[int, dict[tuple[str, ...], list[int]]] = {}
         self._sizes: dict[int, list[int]] = {}
 
@@ -145,80 +184,150 @@ class EvalIndex:
             self._index[k], self._sizes[k] = index, sizes
         return self._index[k], self._sizes[k]
 
-    def best_match(self, question: str) -> tuple[int, float] | None:
-        """(eval item index, overlap) of the closest eval item, or None when nothing overlaps."""
+    def matches(self, question: str, threshold: float) -> list[tuple[int, float]]:
+        """(eval item index, overlap) of every eval item with overlap >= threshold, best first."""
         words = normalize(question)
         if not words:
-            return None
-        hit = self.exact.get(" ".join(words))
-        if hit is not None:
-            return hit, 1.0
-        if len(words) < self.min_words:
-            return None
-        k = min(self.n, len(words))
-        index, sizes = self._grams(k)
-        grams = ngrams(words, k)
-        counts: dict[int, int] = defaultdict(int)
-        for g in grams:
-            for i in index.get(g, ()):
-                counts[i] += 1
-        if not counts:
-            return None
+            return []
+        out: dict[int, float] = {}
+        for i in self.exact_all.get(" ".join(words), ()):
+            out[i] = 1.0
+        if len(words) >= self.min_words:
+            k = min(self.n, len(words))
+            index, sizes = self._grams(k)
+            grams = ngrams(words, k)
+            counts: dict[int, int] = defaultdict(int)
+            for g in grams:
+                for i in index.get(g, ()):
+                    counts[i] += 1
+            for i, c in counts.items():
+                out[i] = max(out.get(i, 0.0), c / max(1, min(len(grams), sizes[i])))
         # Ties go to the lowest eval index so the recorded match is deterministic.
-        best_i, best = min(
-            ((i, c / max(1, min(len(grams), sizes[i]))) for i, c in counts.items()), key=lambda t: (-t[1], t[0])
-        )
-        return best_i, best
+        return sorted(((i, v) for i, v in out.items() if v >= threshold), key=lambda t: (-t[1], t[0]))
+
+    def best_match(self, question: str) -> tuple[int, float] | None:
+        """(eval item index, overlap) of the closest eval item, or None when nothing overlaps."""
+        found = self.matches(question, 1e-12)
+        return found[0] if found else None
 
 
-def load_eval_items(sets: list[EvalSetConfig]) -> list[tuple[str, str, str]]:
-    """(set label, item id, question) of every eval item; raises naming the file, row or column."""
-    items: list[tuple[str, str, str]] = []
+def average_hash(record: dict[str, Any]) -> int:
+    """64-bit average hash: 8x8 grey thumbnail, one bit per pixel brighter than the mean."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(record["bytes"])) as im:
+        g = im.convert("L").resize((8, 8), Image.Resampling.BOX)
+    px = list(g.getdata())
+    mean = sum(px) / 64.0
+    return sum(1 << i for i, v in enumerate(px) if v > mean)
+
+
+def pixel_hash(record: dict[str, Any]) -> int:
+    """Hash of the decoded RGB pixels and size: the same figure re-saved in any lossless format matches."""
+    import hashlib
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(record["bytes"])) as im:
+        rgb = im.convert("RGB")
+        h = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode() + rgb.tobytes())
+    return int.from_bytes(h.digest()[:8], "big")
+
+
+def image_hashes(images: list[dict] | None, mode: str) -> list[int]:
+    """Hashes of the images that decode; an unreadable one is skipped (assess quarantines it later)."""
+    fn = pixel_hash if mode == "exact" else average_hash
+    out = []
+    for rec in images or []:
+        try:
+            out.append(fn(rec))
+        except (OSError, ValueError, SyntaxError):  # what PIL raises for bad data
+            continue
+    return out
+
+
+def images_match(a: list[int], b: list[int], cfg: DecontaminateConfig) -> bool:
+    if cfg.image_match == "exact":
+        return bool(set(a) & set(b))
+    return any(bin(x ^ y).count("1") <= cfg.image_hash_distance for x in a for y in b)
+
+
+def _read_rows(e: EvalSetConfig) -> list[dict]:
+    p = Path(e.path)
+    if not p.exists():
+        raise FileNotFoundError(f"decontaminate.eval_sets: {p} not found")
+    if p.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(p) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p}:{lineno}: not valid JSON ({err})") from err
+        return rows
+    import pyarrow.parquet as pq
+
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def load_eval_items(sets: list[EvalSetConfig], image_mode: str | None = "exact") -> list[tuple[str, str, str, list[int]]]:
+    """(set label, item id, question, image hashes) of every eval item; raises naming the file/row/column."""
+    items: list[tuple[str, str, str, list[int]]] = []
     for e in sets:
-        p = Path(e.path)
-        if not p.exists():
-            raise FileNotFoundError(f"decontaminate.eval_sets: {p} not found")
-        if p.suffix in (".jsonl", ".json"):
-            rows = []
-            with open(p) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{p}:{lineno}: not valid JSON ({err})") from err
-        else:
-            import pyarrow.parquet as pq
+        if e.source is not None:
+            from pipeline.ingest import load_sources
 
-            files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-            rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
-        for i, row in enumerate(rows):
+            for kind, row in load_sources([e.source]):
+                if kind == "problem":
+                    hashes = image_hashes(row.get("images"), image_mode) if image_mode else []
+                    items.append((e.label(), str(row.get("source_ref") or row["problem_id"]), row["question"], hashes))
+            continue
+        for i, row in enumerate(_read_rows(e)):
             if e.question_column not in row:
-                raise KeyError(f"{p}: row {i} has no column {e.question_column!r} (has {sorted(row)[:10]})")
+                raise KeyError(f"{e.path}: row {i} has no column {e.question_column!r} (has {sorted(row)[:10]})")
             q = row[e.question_column]
             if q is None:
                 continue
             rid = str(row.get(e.id_column)) if e.id_column else str(i)
-            items.append((e.label(), rid, str(q)))
+            items.append((e.label(), rid, str(q), []))
     return items
+
+
+def _contaminating(index: EvalIndex, question: str, images: list | None, cfg: DecontaminateConfig):
+    """The best eval match that counts (text overlap, and an image match where both sides have images)."""
+    found = index.matches(question, cfg.threshold)
+    if not found or not cfg.image_aware:
+        return found[0] if found else None
+    mine: list[int] | None = None
+    for i, overlap in found:
+        theirs = index.items[i][3]
+        if not theirs or not images:
+            return i, overlap
+        if mine is None:
+            mine = image_hashes(images, cfg.image_match)
+        if not mine or images_match(mine, theirs, cfg):
+            return i, overlap
+    return None
 
 
 def run(cfg: DecontaminateConfig, ctx) -> Manifest:
     m = ctx.manifest()
     problems = ctx.read_input("problems")
     m.rows_in = problems.num_rows
-    items = load_eval_items(cfg.eval_sets)
+    items = load_eval_items(cfg.eval_sets, cfg.image_match if cfg.image_aware else None)
     index = EvalIndex(items, cfg.ngram, cfg.min_words)
     questions = problems.column("question").to_pylist()
     ids = problems.column("problem_id").to_pylist()
+    images = problems.column("images").to_pylist() if "images" in problems.column_names else [None] * len(ids)
     keep_mask, matches = [], []
     per_set: dict[str, int] = defaultdict(int)
-    for pid, q in zip(ids, questions, strict=True):
-        hit = index.best_match(q) if items else None
-        bad = hit is not None and hit[1] >= cfg.threshold
-        keep_mask.append(not bad)
-        if bad:
+    for pid, q, imgs in zip(ids, questions, images, strict=True):
+        hit = _contaminating(index, q, imgs, cfg) if items else None
+        keep_mask.append(hit is None)
+        if hit is not None:
             i, overlap = hit
             per_set[items[i][0]] += 1
             matches.append(
@@ -232,8 +341,7 @@ def run(cfg: DecontaminateConfig, ctx) -> Manifest:
                 }
             )
     kept = problems.filter(pa.array(keep_mask, pa.bool_()))
-    schema = problems.schema.remove_metadata() if "problem_id" in problems.column_names else PROBLEMS
-    with ctx.writer(schema, "problems") as w:
+    with ctx.writer(problems.schema.remove_metadata(), "problems") as w:
         w.write(kept)
     with ctx.writer(MATCHES, "decontam_matches", sub="matches") as w:
         w.write(matches)

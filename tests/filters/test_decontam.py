@@ -113,3 +113,57 @@ def test_bad_eval_set_names_file_and_column(tmp_path):
     cfg = DecontaminateConfig(eval_sets=[EvalSetConfig(path=str(p))])
     with pytest.raises(ValueError, match="eval.jsonl:2"):
         run_stage(decontaminate, cfg, run, "decontaminate", {"problems": ["ingest"]})
+
+
+def _synthetic_rows(seed: int, idx: range, prefix: str) -> list[dict]:
+    out = []
+    for i in idx:
+        p = make_problem(seed, i)
+        out.append(_p(f"{prefix}{i}", p["question"]) | {"images": p["images"]})
+    return out
+
+
+def test_image_aware_needs_the_same_figure(tmp_path):
+    """Templated questions over different figures are different problems; a copied figure is a leak."""
+    from PIL import Image
+
+    from pipeline.images import decode, encode_pil
+
+    eval_src = {"kind": "synthetic", "name": "synth-eval", "synthetic": {"n": 30, "seed": 1}}
+    eval_imgs = {make_problem(1, i)["images"][0]["bytes"] for i in range(30)}
+    pool = _synthetic_rows(0, range(60), "s")
+    leaked = _synthetic_rows(1, range(5), "leak")  # same question text and the very same images
+    # A lossless re-encoding (PNG -> BMP) of an eval figure is still that figure.
+    p6 = make_problem(1, 6)
+    leaked.append(_p("leak-bmp", p6["question"]) | {"images": [encode_pil(decode(p6["images"][0]), "bmp")]})
+    run = tmp_path / "run"
+    write_step(run, "ingest", PROBLEMS, "problems", pool + leaked)
+    cfg = DecontaminateConfig(eval_sets=[EvalSetConfig(source=eval_src)])
+    m = run_stage(decontaminate, cfg, run, "decontaminate", {"problems": ["ingest"]})
+    assert m.metrics["eval_items"] == 30
+    dropped = {r["problem_id"] for r in read_table(run / "decontaminate" / "matches").to_pylist()}
+    assert {r["problem_id"] for r in leaked} <= dropped
+    # Any pool problem dropped besides them really repeats an eval figure byte for byte (the generator
+    # can draw the same problem under two seeds).
+    extra = [r for r in pool if r["problem_id"] in dropped]
+    assert all(r["images"][0]["bytes"] in eval_imgs for r in extra)
+    assert len(extra) <= 3 and m.dropped == {"contaminated": len(dropped)} and m.kept == 66 - len(dropped)
+
+    # Text alone would throw away most of the pool: the synthetic questions are templated.
+    text_only = cfg.model_copy(update={"image_aware": False})
+    m2 = run_stage(decontaminate, text_only, run, "decontaminate", {"problems": ["ingest"]})
+    assert m2.dropped["contaminated"] > 40
+
+    # A resized JPEG copy is caught only by the perceptual hash.
+    small = encode_pil(decode(p6["images"][0]).resize((160, 120), Image.Resampling.BILINEAR), "jpeg")
+    write_step(run, "ingest", PROBLEMS, "problems", [_p("resized", p6["question"]) | {"images": [small]}])
+    assert run_stage(decontaminate, cfg, run, "decontaminate", {"problems": ["ingest"]}).kept == 1
+    perceptual = cfg.model_copy(update={"image_match": "perceptual"})
+    assert run_stage(decontaminate, perceptual, run, "decontaminate", {"problems": ["ingest"]}).kept == 0
+
+
+def test_eval_set_needs_exactly_one_of_path_or_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalSetConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalSetConfig(path="a.jsonl", source={"kind": "synthetic"})
