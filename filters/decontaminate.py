@@ -34,8 +34,8 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
 from types import SimpleNamespace
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
