@@ -57,6 +57,9 @@ class ChainsSourceConfig(StageConfig):
     teacher: str | None = Field(None, description="teacher name when no teacher column is mapped")
     starts_in_think: bool = Field(True, description="traces without markers start inside <think>")
     limit: int | None = Field(None, ge=1, description="read at most this many rows")
+    image_check: Literal["structure", "draft", "full"] = Field(
+        "structure", description="how images are checked (as ingest.image_check)"
+    )
 
     def label(self) -> str:
         return self.name or Path(self.path).stem
@@ -106,7 +109,7 @@ def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
     cmap = ColumnMap(id=c.id, question=c.question, answer=c.answer, images=c.images, choices=c.choices,
                      answer_type=c.answer_type, subject=None, difficulty=None)
     src = SourceConfig(kind="jsonl", path=cfg.path, name=cfg.label(), columns=cmap)
-    return _to_problem(row, src, ref, Path(cfg.path).parent)
+    return _to_problem(row, src, ref, Path(cfg.path).parent, cfg.image_check)
 
 
 def _completion(trace: str, starts_in_think: bool) -> str:
