@@ -44,6 +44,7 @@ class ServerStats:
     faults: Counter = field(default_factory=Counter)
     images: int = 0
     answered: Counter = field(default_factory=Counter)  # request digest -> 200 answers
+    authorization: Counter = field(default_factory=Counter)  # Authorization header values seen
 
 
 def _image_count(messages: list[dict]) -> int:
@@ -104,6 +105,7 @@ def make_app(cfg: ServerConfig, stats: ServerStats):
         with lock:
             stats.requests += 1
             n = stats.requests
+            stats.authorization[request.headers.get("Authorization", "")] += 1
         fault = None
         if cfg.fault_every and n % cfg.fault_every == 0:
             fault = cfg.faults[(n // cfg.fault_every - 1) % len(cfg.faults)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -157,7 +158,11 @@ def _result_from_cache(entry: dict[str, Any]) -> GenResult:
 class GenerateWorker:
     """One engine; maps a batch of request rows to chain rows. Plain Python: Ray only fans it out."""
 
-    def __init__(self, engine: dict[str, Any]) -> None:
+    def __init__(self, engine: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        # Secrets (the API key named by api_key_env) travel from the driver's environment to the
+        # worker's; they are constructor arguments, never row data, manifests or logs.
+        for k, v in (env or {}).items():
+            os.environ.setdefault(k, v)
         self.engine = make_engine(engine_config(engine))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -259,7 +264,7 @@ def _engine_batches(todo: pa.Table, cfg: GenerateConfig):
     else:
         out = ds.map_batches(
             GenerateWorker,
-            fn_constructor_kwargs={"engine": cfg.engine.model_dump()},
+            fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
@@ -293,6 +298,11 @@ def generate_rows(todo: list[dict[str, Any]], cfg: Any, cache: GenerationCache |
             if cache:
                 _cache_put(cache, keys, batch)
             yield batch, True
+
+
+def _secret_env(engine: Any) -> dict[str, str]:
+    name = getattr(engine, "api_key_env", None)
+    return {name: os.environ[name]} if name and name in os.environ else {}
 
 
 def _strip(t: pa.Table) -> pa.Table:
