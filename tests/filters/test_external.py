@@ -1,0 +1,99 @@
+"""External chains (filters/external.py): column mapping, bad rows, ids shared with ingest, and a whole
+run of ingest -> filter (external source) -> curate on real traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from filters.external import ChainsSourceConfig, load_chains
+from pipeline.config import validate_config
+from pipeline.ingest import ColumnMap, SourceConfig, load_sources
+from pipeline.rundir import Manifest, read_table
+from pipeline.runner import Runner
+
+COLS = {"question": "q", "answer": "gold", "trace": "out", "id": "id", "teacher": "model"}
+ROWS = [
+    {"id": 1, "q": "What is 2+3?", "gold": "5", "out": "2+3=5</think>The answer is \\boxed{5}.", "model": "m1"},
+    {"id": 2, "q": "What is 2+3?", "gold": "5", "out": "it is 6</think>\\boxed{6}", "model": "m1"},
+    {"id": 3, "q": "Pick one", "gold": "B", "choices": ["1", "2"], "out": "x</think>(B)", "model": "m2"},
+    {"id": 4, "q": "Cut off", "gold": "1", "out": "I was thinking and then", "model": "m1"},
+    {"id": 5, "q": "No trace", "gold": "1", "out": "", "model": "m1"},
+    {"id": 6, "q": "No answer", "out": "x</think>\\boxed{1}", "model": "m1"},
+    {"id": 7, "q": "What is 2+3?", "gold": "5", "out": "2+3=5</think>The answer is \\boxed{5}.", "model": "m1"},
+]
+
+
+def _jsonl(path: Path, rows: list[dict], extra_lines: tuple[str, ...] = ()) -> Path:
+    path.write_text("\n".join([json.dumps(r) for r in rows] + list(extra_lines)) + "\n")
+    return path
+
+
+def test_load_chains_maps_columns_and_counts_bad_rows(tmp_path):
+    path = _jsonl(tmp_path / "gens.jsonl", ROWS, ("{not json",))
+    src = ChainsSourceConfig(path=str(path), columns={**COLS, "choices": "choices"})
+    loaded = load_chains(src)
+    assert loaded.quarantined == {"missing_trace": 1, "missing_answer": 1, "duplicate_chain": 1, "bad_row": 1}
+    chains = loaded.chains.to_pylist()
+    assert [c["teacher"] for c in chains] == ["m1", "m1", "m2", "m1"]
+    assert loaded.problems.num_rows == 3  # rows 1 and 2 share a problem
+    assert chains[0]["problem_id"] == chains[1]["problem_id"]
+    assert chains[0]["reasoning"] == "2+3=5" and chains[0]["response"] == "The answer is \\boxed{5}."
+    # an R1 trace that starts after <think> gets it back, so a cut-off one reads as an unclosed span
+    assert chains[3]["completion"].startswith("<think>") and chains[3]["response"] == ""
+    problems = {p["problem_id"]: p for p in loaded.problems.to_pylist()}
+    assert problems[chains[2]["problem_id"]]["answer_type"] == "choice"
+    assert any("not valid JSON" in ref for ref in loaded.bad_refs)
+
+
+def test_problem_ids_match_an_ingest_source_over_the_same_file(tmp_path):
+    path = _jsonl(tmp_path / "gens.jsonl", ROWS[:4])
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns=COLS))
+    cmap = ColumnMap(id="id", question="q", answer="gold", images=None, choices=None, answer_type=None)
+    ingested = [row for kind, row in load_sources([SourceConfig(kind="jsonl", path=str(path), columns=cmap)])
+                if kind == "problem"]
+    assert {p["problem_id"] for p in ingested} == set(loaded.problems.column("problem_id").to_pylist())
+
+
+def test_parquet_source_and_limit(tmp_path):
+    path = tmp_path / "gens.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS[:3]), path)
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns=COLS, limit=2))
+    assert loaded.chains.num_rows == 2
+
+
+def test_missing_file_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="filter.source.path"):
+        load_chains(ChainsSourceConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_ingest_filter_curate_on_external_traces(ray_local, traces_path, tmp_path):
+    """Existing R1 / Sky-T1 generations, filtered and curated without a generate step."""
+    raw = {
+        "run": {"name": "traces", "root": str(tmp_path)},
+        "ingest": {"sources": [{"kind": "jsonl", "path": str(traces_path), "name": "traces-dev",
+                                "columns": {"question": "problem", "answer": "gold_answer", "images": None,
+                                            "choices": None, "answer_type": None}}]},
+        "filter": {"workers": 2, "batch_size": 16,
+                   "source": {"path": str(traces_path), "name": "traces-dev",
+                              "columns": {"question": "problem", "answer": "gold_answer", "trace": "trace",
+                                          "id": "id", "teacher": "model"}}},
+        "curate": {"n_per_problem": 2},
+    }
+    cfg = validate_config(raw, "test")
+    Runner(cfg).run()
+    run_dir = tmp_path / "traces"
+    m = Manifest.load(run_dir / "filter")
+    assert (m.rows_in, m.kept) == (160, 105)
+    assert m.dropped == {"truncated": 23, "wrong": 32}
+    assert m.metrics["verdicts"] == {"correct": 105, "wrong": 32, "truncated": 23}
+    ext_problems = set(read_table(run_dir / "filter" / "problems").column("problem_id").to_pylist())
+    assert ext_problems == set(read_table(run_dir / "ingest").column("problem_id").to_pylist())
+    sft = read_table(run_dir / "curate").to_pylist()
+    kept_ids = set(read_table(run_dir / "filter").filter(pa.compute.field("keep")).column("chain_id").to_pylist())
+    assert sft and {s["chain_id"] for s in sft} <= kept_ids
+    assert all(s["messages"][-1]["content"].startswith("<think>") for s in sft)
