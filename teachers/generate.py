@@ -221,9 +221,7 @@ def _cache_dir(cfg: GenerateConfig, ctx: Any) -> Path:
 
 
 def _load_problems(cfg: GenerateConfig, ctx: Any, m: Manifest) -> list[dict[str, Any]]:
-    table = ctx.read_input("problems")
-    cols = [c for c in table.column_names if c != "images" or not cfg.engine.text_only]
-    problems = table.select(cols).to_pylist()
+    problems = ctx.read_input("problems").to_pylist()
     if ctx.round > 0 and "retry" in ctx.inputs:
         wanted: set[str] = set()
         for d in ctx.input_dirs("retry"):

@@ -36,7 +36,7 @@ def test_hf_actor_pool_k_samples_ids_tokens_and_row_penalty(ray_local, run_dir, 
         by_problem.setdefault(c["problem_id"], []).append(c)
     assert {p["problem_id"] for p in problems} == set(by_problem)
     tok = AutoTokenizer.from_pretrained(tiny_chat_model)
-    for i, p in enumerate(problems):
+    for p in problems:
         rows = sorted(by_problem[p["problem_id"]], key=lambda c: c["sample_idx"])
         assert [c["sample_idx"] for c in rows] == [0, 1, 2]
         assert len({c["seed"] for c in rows}) == 3  # distinct seeds: k distinct samples
