@@ -110,7 +110,12 @@ class AssessConfig(StageConfig):
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="completion-token budget curve")
     heuristics: HeuristicConfig = Field(default_factory=HeuristicConfig, description="model-free scorers")
     judge: JudgeConfig | None = Field(None, description="optional judge model; heuristics only when unset")
-    workers: int = Field(1, ge=0, le=256, description="Ray Data actors for pixel statistics; 0 = in-process")
+    workers: int = Field(1, ge=0, le=256, description="Ray Data workers for pixel statistics; 0 = in-process")
+    compute: Literal["tasks", "actors"] = Field(
+        "tasks",
+        description="tasks: the scorer is stateless, so Ray's warm worker processes run it with no start-up; "
+        "actors: a fixed ActorPoolStrategy pool (new processes per run; pays off only on long runs)",
+    )
     batch_size: int = Field(64, ge=1, description="problems per scoring batch")
 
 
@@ -180,13 +185,23 @@ def heuristic_raw(problems: pa.Table, cfg: AssessConfig) -> list[dict]:
 
         # One block per batch, so every actor gets work (from_arrow of one table is a single block).
         blocks = [table.slice(i, cfg.batch_size) for i in range(0, table.num_rows, cfg.batch_size)]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            _Scorer,
-            fn_constructor_kwargs={"hcfg": hcfg},
-            batch_format="pyarrow",
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        )
+        ds = ray.data.from_arrow(blocks)
+        if cfg.compute == "actors":
+            ds = ds.map_batches(
+                _Scorer,
+                fn_constructor_kwargs={"hcfg": hcfg},
+                batch_format="pyarrow",
+                batch_size=cfg.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+            )
+        else:
+            ds = ds.map_batches(
+                _score_table,
+                fn_kwargs={"hcfg": hcfg},
+                batch_format="pyarrow",
+                batch_size=cfg.batch_size,
+                compute=ray.data.TaskPoolStrategy(size=cfg.workers),
+            )
         parts = ray.get(ds.to_arrow_refs())
     rows = [r for p in parts for r in p.to_pylist()]
     rows.sort(key=lambda r: r["_row"])

@@ -146,14 +146,15 @@ def test_assess_stage_monotone_in_difficulty(tmp_path):
     assert out["p1"]["s_t"] == 0.0 and out["p3"]["s_t"] == 1.0
 
 
-def test_assess_stage_ray_matches_in_process_on_mathv(tmp_path, mathv_dir, ray_local):
+@pytest.mark.parametrize("compute", ["tasks", "actors"])
+def test_assess_stage_ray_matches_in_process_on_mathv(tmp_path, mathv_dir, ray_local, compute):
     rows = _mathv(mathv_dir, 16)
     rows[0] = rows[0] | {"images": [_blurred(rows[0]["images"][0], 4.0)], "problem_id": "blurred"}
     run = tmp_path / "run"
     _write_problems(run, rows)
     m_local = run_stage(assess, AssessConfig(workers=0, batch_size=5), run, "assess", {"problems": ["ingest"]})
     local = read_table(run / "assess").to_pylist()
-    m_ray = run_stage(assess, AssessConfig(workers=2, batch_size=5), run, "assess", {"problems": ["ingest"]})
+    m_ray = run_stage(assess, AssessConfig(workers=2, batch_size=5, compute=compute), run, "assess", {"problems": ["ingest"]})
     dist = read_table(run / "assess").to_pylist()
     assert m_local.kept == m_ray.kept == 16
     assert [r["problem_id"] for r in dist] == [r["problem_id"] for r in local]
