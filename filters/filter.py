@@ -240,7 +240,7 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
     return loaded.chains, problems
 
 
-def _run_batches(table: pa.Table, cfg: FilterConfig) -> list[pa.Table]:
+def _run_batches(table: pa.Table, cfg: FilterConfig, actor_cls: type = _FilterActor) -> list[pa.Table]:
     if cfg.workers == 0:
         from filters.deadline import DeadlinePool
         from filters.verify import check_answer
@@ -261,7 +261,7 @@ def _run_batches(table: pa.Table, cfg: FilterConfig) -> list[pa.Table]:
     # one block per batch, so the actor pool gets work to share from the start
     blocks = [table.slice(off, cfg.batch_size) for off in range(0, table.num_rows, cfg.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
-        _FilterActor,
+        actor_cls,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         batch_size=cfg.batch_size,

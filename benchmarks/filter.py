@@ -1,0 +1,146 @@
+"""Filter throughput on traces-dev (160 real long traces) against bare math-verify on the same chains.
+
+    python benchmarks/filter.py [--repeat 3] [--copies 6]
+
+Baseline: bare math-verify, the least any correctness filter does: `parse(gold)`, `parse(trace)`,
+`verify(gold, pred)` per chain, in this process, no deadline.
+Ours, per core: the filter's whole per-chain work (`filters.filter.score_batch`: split, extraction,
+redundancy/length scores, type-aware check in a deadline worker process, quality, drop reason) in this
+process, one check worker. Same chains, best of --repeat. Cost ratio = ours / bare (target <= 1.5).
+Scaling: the same work fanned out over Ray Data actor pools of 1 and 2 actors on `--copies` copies of
+the traces; throughput is each actor's chains over its own active span (batch start/end times taken
+inside the actor, so actor start-up is left out), summed over the actors; the end-to-end wall time is
+printed too. Scaling ratio = 2 actors / 1 actor (target >= 1.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TRACES = REPO.parent / "shared" / "data" / "traces-dev" / "traces.jsonl"
+COLUMNS = {"question": "problem", "answer": "gold_answer", "trace": "trace", "id": "id", "teacher": "model"}
+
+
+def load(copies: int = 1):
+    import pyarrow as pa
+
+    from filters.external import ChainsSourceConfig, load_chains
+    from filters.filter import _problem_columns
+
+    loaded = load_chains(ChainsSourceConfig(path=str(TRACES), columns=COLUMNS))
+    problems = {p["problem_id"]: p for p in loaded.problems.to_pylist()}
+    table = pa.concat_tables([loaded.chains] * copies)
+    table = table.append_column("_idx", pa.array(range(table.num_rows), type=pa.int64()))
+    return _problem_columns(table, problems)
+
+
+def bare(rows: list[dict]) -> float:
+    from math_verify import parse, verify
+
+    t0 = time.perf_counter()
+    for r in rows:
+        gold = parse(f"${r['_gold']}$", parsing_timeout=None)
+        pred = parse(r["completion"], parsing_timeout=None)
+        verify(gold, pred, timeout_seconds=None)
+    return time.perf_counter() - t0
+
+
+def ours(rows: list[dict], pool, scorer, cfg) -> float:
+    from filters.filter import score_batch
+
+    t0 = time.perf_counter()
+    for off in range(0, len(rows), cfg.batch_size):
+        score_batch(rows[off : off + cfg.batch_size], cfg, pool, scorer)
+    return time.perf_counter() - t0
+
+
+def _timed_actor_cls():
+    import pyarrow as pa
+
+    from filters.filter import _FilterActor
+
+    class TimedFilterActor(_FilterActor):
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            t0 = time.time()
+            out = super().__call__(batch)
+            t1 = time.time()
+            n = out.num_rows
+            out = out.append_column("_t0", pa.array([t0] * n)).append_column("_t1", pa.array([t1] * n))
+            return out.append_column("_pid", pa.array([os.getpid()] * n))
+
+    return TimedFilterActor
+
+
+def ray_run(table, workers: int, batch_size: int) -> tuple[float, float]:
+    """(steady-state chains/s from the actors' batch times, end-to-end wall seconds)."""
+    import pyarrow as pa
+
+    from filters.filter import FilterConfig, _run_batches
+
+    cfg = FilterConfig(workers=workers, batch_size=batch_size)
+    t0 = time.perf_counter()
+    out = pa.concat_tables(_run_batches(table, cfg, _timed_actor_cls()))
+    wall = time.perf_counter() - t0
+    assert out.num_rows == table.num_rows
+    # each actor's rows over its own active span, summed: the pool's throughput while its actors run,
+    # not counting an actor that is still starting while the other already works
+    by_pid: dict[int, list] = {}
+    for pid, t0_, t1_ in zip(*out.select(["_pid", "_t0", "_t1"]).to_pydict().values(), strict=True):
+        by_pid.setdefault(pid, []).append((t0_, t1_))
+    thr = sum(len(v) / (max(b for _a, b in v) - min(a for a, _b in v)) for v in by_pid.values())
+    return thr, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=6, help="copies of the 160 traces for the Ray scaling runs")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not TRACES.exists():
+        sys.exit(f"traces-dev not found at {TRACES}")
+
+    from filters.deadline import DeadlinePool
+    from filters.filter import FilterConfig
+    from filters.redundancy import Scorer
+    from filters.verify import check_answer
+
+    rows = load().to_pylist()
+    n = len(rows)
+    cfg = FilterConfig(workers=0, batch_size=args.batch_size)
+    scorer = Scorer(cfg.redundancy)
+    with DeadlinePool(check_answer, timeout_s=cfg.verify.timeout_s) as pool:
+        ours(rows[:8], pool, scorer, cfg)  # warm caches and imports on both sides
+        bare(rows[:8])
+        t_bare = min(bare(rows) for _ in range(args.repeat))
+        t_ours = min(ours(rows, pool, scorer, cfg) for _ in range(args.repeat))
+    print(f"bare math-verify      | {n} chains | {n / t_bare:8.1f} chains/s")
+    print(f"filter, one core      | {n} chains | {n / t_ours:8.1f} chains/s")
+    print(f"cost ratio filter / bare math-verify: {t_ours / t_bare:.2f} (target <= 1.5)")
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    table = load(args.copies)
+    res = {}
+    for workers in (1, 2):
+        best = max((ray_run(table, workers, args.batch_size) for _ in range(args.repeat)), key=lambda x: x[0])
+        res[workers] = best
+        print(f"ray data, {workers} actor(s) | {table.num_rows} chains | {best[0]:8.1f} chains/s steady "
+              f"| {best[1]:6.1f} s end to end")
+    print(f"scaling 2 actors / 1 actor: {res[2][0] / res[1][0]:.2f} (target >= 1.7); "
+          f"end to end {res[1][1] / res[2][1]:.2f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
