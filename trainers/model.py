@@ -205,9 +205,12 @@ def _build_processor(layout: str, image_processor, tokenizer, vcfg, ratio: float
     # Named special tokens are what InternVLProcessor reads (tokenizer.start_image_token, ..._id); this is
     # how transformers' own InternVL tokenizers declare them, and they are saved in tokenizer_config.json.
     tokenizer._set_model_specific_special_tokens(special)
+    from transformers import InternVLVideoProcessor
+
     return InternVLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(),
         image_seq_length=_image_token_count(vcfg, "internvl", ratio),
         chat_template=template,
     )
