@@ -19,7 +19,7 @@ actors, each with its own deadline worker process for the sympy checks):
    wrong, no_answer, timeout, gold_unparsable, over_budget, redundant, language_mixing, low_quality.
 
 Every chain is written (kept and dropped, with `keep` and `drop_reason`), so reports compare before and
-after. Manifest: rows_in = chains; kept; dropped by reason; quarantined `unknown_problem` (a chain whose
+after; a killed step is scored again from the start (its shards are rewritten, never appended to). Manifest: rows_in = chains; kept; dropped by reason; quarantined `unknown_problem` (a chain whose
 problem is in no problems table; not written); metrics = verdict counts, loops, mean quality, timings.
 """
 
@@ -38,7 +38,7 @@ from filters.extract import extract_answer, split_chain
 from filters.redundancy import RedundancyConfig, Scorer
 from filters.verify import VerifyConfig, check_many
 from pipeline.config import StageConfig
-from pipeline.rundir import Manifest, shard_files
+from pipeline.rundir import Manifest, ShardWriter, shard_files
 from pipeline.schema import CHAINS, PROBLEMS, extend
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
     for reason, n in loaded.quarantined.items():
         m.quarantine(reason, n)
     m.rows_in += sum(loaded.quarantined.values())
-    with ctx.writer(PROBLEMS, "problems", sub="problems") as w:
+    with ShardWriter(ctx.out_dir / "problems", PROBLEMS, "problems", resume=False) as w:
         w.write(loaded.problems)
     for p in loaded.problems.to_pylist():
         problems.setdefault(p["problem_id"], p)
@@ -287,7 +287,9 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
     verdicts: Counter = Counter()
     n_loop, q_sum, t_verify = 0, 0.0, 0.0
     parts = _run_batches(chains, cfg) if chains.num_rows else []
-    with ctx.writer(FILTERED, "chains") as w:
+    # always rewritten whole (resume=False): scoring is cheap next to generation, and shards left by a
+    # killed attempt would otherwise be kept and the same chains written twice
+    with ShardWriter(ctx.out_dir, FILTERED, "chains", resume=False) as w:
         if parts:
             result = pa.concat_tables(parts).sort_by("_idx")  # the input order, whatever the actors' order
             if result.num_rows != chains.num_rows:

@@ -137,3 +137,19 @@ def test_empty_generate_output_is_zero_chains(inputs, tmp_path):
     assert (m.rows_in, m.kept) == (0, 0)
     m.check_counts()
 
+
+
+def test_a_killed_step_is_rewritten_not_appended(inputs, tmp_path):
+    """Shards of a killed attempt (resume=True from the runner) must not duplicate chains."""
+    _d, chains, probs = inputs
+    cfg = FilterConfig(workers=0, verify={"timeout_s": 2.0})
+    first = run(cfg, _ctx(tmp_path, "filter", chains, probs))
+    before = read_table(tmp_path / "filter")
+    ctx = _ctx(tmp_path, "filter", chains, probs)
+    ctx.resume = True
+    again = run(cfg, ctx)
+    after = read_table(tmp_path / "filter")
+    assert after.num_rows == before.num_rows == len(CASES)
+    cols = [c for c in after.column_names if c != "verify_s"]
+    assert after.select(cols).equals(before.select(cols))
+    assert (again.kept, again.dropped) == (first.kept, first.dropped)
