@@ -94,3 +94,19 @@ def test_report_over_the_rounds_run(rounds_run):
     assert summary["steps"] == len(results)
     # The yield table lists every round with the curate counts.
     assert page.count("<tr><td>2</td>") >= 1 and str(results["curate"].kept) in page
+
+
+def test_assessed_penalty_follows_difficulty_and_image_need(rounds_run):
+    """On the synthetic pool, harder and image-dependent problems get lower penalties, longer budgets."""
+    import polars as pl
+
+    runner, _ = rounds_run
+    d = pl.read_parquet(str(runner.run_dir / "assess" / "*.parquet"))
+    by_level = d.group_by("difficulty").agg(pl.col("repetition_penalty").mean(), pl.col("max_tokens").mean())
+    by_level = by_level.sort("difficulty")
+    assert by_level["difficulty"].to_list() == [1, 2, 3]
+    pens, toks = by_level["repetition_penalty"].to_list(), by_level["max_tokens"].to_list()
+    assert pens[0] > pens[1] > pens[2] and toks[0] < toks[1] < toks[2]
+    by_img = {r["needs_image"]: r["repetition_penalty"]
+              for r in d.group_by("needs_image").agg(pl.col("repetition_penalty").mean()).to_dicts()}
+    assert by_img[True] < by_img[False]
