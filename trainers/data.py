@@ -166,12 +166,12 @@ class _Encoder:
                 thinks.append((t0, end if t1 < 0 else t1 + len(THINK_CLOSE)))
         return turns, thinks
 
-    def encode(self, messages: list[dict], images: list[Any]) -> dict:
+    def encode(self, messages: list[dict], images: list[Any], generation_prompt: bool = False) -> dict:
         """input_ids / labels / loss_weights / pixel_values of one conversation (`images`: PIL)."""
         import torch
 
-        full = self.render(messages)
-        turns, thinks = self.spans(messages, full)
+        full = self.render(messages, generation_prompt)
+        turns, thinks = self.spans(messages, full) if not generation_prompt else ([], [])
         pieces = full.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(images):
             raise DataError(f"{len(pieces) - 1} image placeholders but {len(images)} images")
@@ -203,6 +203,23 @@ class _Encoder:
         loss_weights = torch.tensor(weights, dtype=torch.float32)
         labels = torch.where(loss_weights > 0, input_ids, torch.full_like(input_ids, -100))
         return {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights, "pixel_values": pixel_values}
+
+
+def prompt_inputs(processor: Any, messages: list[dict], images: list[Any], cfg: SFTDataConfig | None = None) -> dict:
+    """Model inputs for generating the assistant turn, rendered and expanded exactly like training data.
+
+    `messages`: the conversation without the assistant turn (system + user with `<image>` placeholders,
+    e.g. from filters.curate.user_turn); `images`: PIL images or stored image structs. Returns batched
+    `input_ids`, `attention_mask` and (when there are images) `pixel_values`, ready for `model.generate`.
+    """
+    from pipeline.images import decode
+
+    pil = [decode(im) if isinstance(im, dict) else im for im in images]
+    enc = _Encoder(processor, cfg or SFTDataConfig()).encode(messages, pil, generation_prompt=True)
+    out = {"input_ids": enc["input_ids"][None], "attention_mask": enc["input_ids"].new_ones(1, enc["input_ids"].numel())}
+    if enc["pixel_values"] is not None:
+        out["pixel_values"] = enc["pixel_values"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- dataset

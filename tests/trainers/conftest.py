@@ -3,7 +3,8 @@
 - `tiny_ckpts`: {"vision": SigLIP (hidden 64, 32px, 16 tokens), "llm": Qwen2 (hidden 64, 2 layers) with a
   byte-level BPE tokenizer trained on the fly, "internvit": InternViT-style encoder} (trainers.tiny).
 - `tiny_student`: those assembled into a LLaVA-layout student dir (AutoModelForImageTextToText loads it).
-- `tiny_internvl_student`: the InternVL layout (LayerNorm + pixel shuffle projector, tiling processor).
+- `tiny_internvl_student`: the InternVL layout (LayerNorm + pixel shuffle projector, tiling processor);
+  skips where torchvision is missing (transformers builds InternVL's processor only with it).
 - `sft_rows` / `sft_dir`: a few pipeline.schema.SFT rows (0, 1 and 2 images, think spans) and a shard dir.
 All session-scoped: built once (a few seconds), never modified by tests (copy before writing).
 """

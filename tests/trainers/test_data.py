@@ -202,3 +202,20 @@ def test_length_groups_reduce_padding(student):
     n_pix = sum(len(rows[i]["images"]) for i in members)
     assert (batch.get("pixel_values") is None and n_pix == 0) or batch["pixel_values"].shape[0] == n_pix
     _forward(model, batch)  # the model accepts it (image tokens match features)
+
+
+def test_prompt_inputs_are_the_training_prefix(student, sft_rows):
+    from trainers.data import SFTDataConfig, SFTDataset, prompt_inputs
+
+    model, processor = student
+    ds = SFTDataset(pa.Table.from_pylist(sft_rows, schema=SFT), processor, SFTDataConfig())
+    row, item = sft_rows[1], ds[1]
+    inputs = prompt_inputs(processor, row["messages"][:2], row["images"])
+    n = inputs["input_ids"].shape[1]
+    first_label = int((item["labels"] != -100).nonzero()[0])
+    assert n == first_label  # the prompt ends exactly where the trained tokens begin
+    assert torch.equal(inputs["input_ids"][0], item["input_ids"][:n])
+    assert torch.equal(inputs["pixel_values"], item["pixel_values"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == n + 3
