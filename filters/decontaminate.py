@@ -273,14 +273,24 @@ def _read_rows(e: EvalSetConfig) -> list[dict]:
     return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
 
 
-def load_eval_items(sets: list[EvalSetConfig], image_mode: str | None = "exact") -> list[tuple[str, str, str, list[int]]]:
-    """(set label, item id, question, image hashes) of every eval item; raises naming the file/row/column."""
+def load_eval_items(
+    sets: list[EvalSetConfig], image_mode: str | None = "exact"
+) -> tuple[list[tuple[str, str, str, list[int]]], int]:
+    """((set label, item id, question, image hashes) of every eval item, rows skipped as unreadable).
+
+    Raises naming the file, row or column when an eval set cannot be read at all.
+    """
     items: list[tuple[str, str, str, list[int]]] = []
+    skipped = 0
     for e in sets:
         if e.source is not None:
             from pipeline.ingest import load_sources
 
             for kind, row in load_sources([e.source]):
+                if kind == "quarantine":
+                    skipped += 1
+                    log.warning("decontaminate: eval set %s: unreadable row %s skipped (%s)",
+                                e.label(), row.get("source_ref"), row.get("error"))
                 if kind == "problem":
                     hashes = image_hashes(row.get("images"), image_mode) if image_mode else []
                     items.append((e.label(), str(row.get("source_ref") or row["problem_id"]), row["question"], hashes))
@@ -293,7 +303,7 @@ def load_eval_items(sets: list[EvalSetConfig], image_mode: str | None = "exact")
                 continue
             rid = str(row.get(e.id_column)) if e.id_column else str(i)
             items.append((e.label(), rid, str(q), []))
-    return items
+    return items, skipped
 
 
 def _contaminating(index: EvalIndex, question: str, images: list | None, cfg: DecontaminateConfig):
@@ -317,7 +327,7 @@ def run(cfg: DecontaminateConfig, ctx) -> Manifest:
     m = ctx.manifest()
     problems = ctx.read_input("problems")
     m.rows_in = problems.num_rows
-    items = load_eval_items(cfg.eval_sets, cfg.image_match if cfg.image_aware else None)
+    items, skipped = load_eval_items(cfg.eval_sets, cfg.image_match if cfg.image_aware else None)
     index = EvalIndex(items, cfg.ngram, cfg.min_words)
     questions = problems.column("question").to_pylist()
     ids = problems.column("problem_id").to_pylist()
@@ -349,6 +359,6 @@ def run(cfg: DecontaminateConfig, ctx) -> Manifest:
     if matches:
         m.drop("contaminated", len(matches))
     m.outputs = {"problems": kept.num_rows, "matches": len(matches)}
-    m.metrics = {"eval_items": len(items), "contaminated_by_set": dict(per_set)}
+    m.metrics = {"eval_items": len(items), "eval_rows_unreadable": skipped, "contaminated_by_set": dict(per_set)}
     log.info("decontaminate: %d eval items, %d of %d problems contaminated", len(items), len(matches), m.rows_in)
     return m

@@ -100,15 +100,23 @@ class JudgeResult:
     raw: str | None = None
 
 
-def judge_messages(problem: dict[str, Any], rubric: str) -> list[dict[str, Any]]:
-    """System rubric + a user turn with the problem's images (data URIs) and text (question, choices)."""
+def judge_messages(problem: dict[str, Any], rubric: str, text_only: bool = False) -> list[dict[str, Any]]:
+    """System rubric + a user turn with the problem's images (data URIs) and text (question, choices).
+
+    A text-only judge gets no image parts (assess runs before caption, so there is no description yet);
+    it is told how many images it cannot see, so it can still rate necessity and integration.
+    """
     from filters.curate import problem_text
     from pipeline.images import data_uri
 
-    parts: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": data_uri(im)}} for im in problem.get("images") or []
-    ]
-    parts.append({"type": "text", "text": problem_text(problem)})
+    images = problem.get("images") or []
+    text = problem_text(problem)
+    if text_only:
+        if images:
+            text = f"[This problem comes with {len(images)} image(s) that you cannot see.]\n\n{text}"
+        return [{"role": "system", "content": rubric}, {"role": "user", "content": text}]
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_uri(im)}} for im in images]
+    parts.append({"type": "text", "text": text})
     return [{"role": "system", "content": rubric}, {"role": "user", "content": parts}]
 
 
@@ -133,7 +141,8 @@ def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: 
     from teachers.engines import GenRequest
 
     rubric = load_rubric(cfg.rubric_file)
-    convs = [judge_messages(p, rubric) for p in problems]
+    text_only = bool(getattr(getattr(engine, "cfg", None), "text_only", False))
+    convs = [judge_messages(p, rubric, text_only) for p in problems]
     results: list[JudgeResult | None] = [None] * len(problems)
     last: dict[int, tuple[str | None, str]] = {}
     pending = list(range(len(problems)))

@@ -63,6 +63,8 @@ def test_judge_prompt_carries_rubric_images_and_question():
     parts = msgs[1]["content"]
     assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert parts[-1]["text"].startswith(p["question"].split("\n")[0][:20])
+    blind = judge_messages(p, "rubric", text_only=True)
+    assert isinstance(blind[1]["content"], str) and "1 image(s) that you cannot see" in blind[1]["content"]
 
 
 # --- a judge behind a real HTTP server ----------------------------------------------------------------
