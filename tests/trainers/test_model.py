@@ -171,3 +171,35 @@ def test_lora_injects_in_place_and_merges_to_standard_layout(tiny_student, tmp_p
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**inputs).logits, adapted, atol=1e-5)
+
+
+def test_full_clip_checkpoint_gives_vision_tower_without_cls_token(tiny_ckpts, tmp_path):
+    """A dual-encoder CLIP checkpoint: only its vision tower is used, and CLIP's CLS token is dropped."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from trainers.model import AssembleConfig, assemble_student, load_student
+
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    out = assemble_student(AssembleConfig(vision_path=str(tmp_path / "clip"), llm_path=str(tiny_ckpts["llm"])),
+                           tmp_path / "student")
+    model, processor = load_student(out, dtype="float32")
+    assert type(model.model.vision_tower).__name__ == "CLIPVisionModel"
+    assert model.config.vision_feature_select_strategy == "default"
+    sd = clip.vision_model.state_dict()
+    tower = model.model.vision_tower.state_dict()
+    assert set(tower) == set(sd)
+    for k, v in tower.items():
+        assert torch.equal(v, sd[k]), k
+    inputs = _inputs(processor, n_images=1)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16  # 17 positions minus CLS
+    with torch.no_grad():
+        assert model.eval()(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
