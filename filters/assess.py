@@ -151,14 +151,29 @@ def minmax(values: list[float]) -> list[float]:
 _SCORE_COLUMNS = ("problem_id", "question", "images", "choices", "difficulty", "needs_image")
 
 
+_RAW = pa.schema(
+    [
+        pa.field("_row", pa.int64()),
+        pa.field("problem_id", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("n_images", pa.int64()),
+        pa.field("difficulty_cue", pa.float64()),
+        *(pa.field(n, pa.float64()) for n in SUBSCORES if n != "qa_difficulty"),
+    ]
+)
+
+
 def _score_table(table: pa.Table, hcfg: dict) -> pa.Table:
-    """Raw heuristic sub-scores of one batch (plain Python; Ray actors call this too)."""
+    """Raw heuristic sub-scores of one batch (plain Python; Ray tasks and actors call this too).
+
+    The explicit schema keeps every column even when a batch starts with an unreadable image's row.
+    """
     from filters.assess_heuristics import score_problem
 
     cfg = HeuristicConfig.model_validate(hcfg)
-    rows = table.to_pylist()
-    out = [score_problem(r, cfg) | {"_row": r["_row"]} for r in rows]
-    return pa.Table.from_pylist(out)
+    out = [score_problem(r, cfg) | {"_row": r["_row"]} for r in table.to_pylist()]
+    return pa.Table.from_pylist([{k: r.get(k) for k in _RAW.names} for r in out], schema=_RAW)
 
 
 class _Scorer:
@@ -241,7 +256,10 @@ def run(cfg: AssessConfig, ctx) -> Manifest:
         engine = load_engine(cfg.judge)
         todo = [i for i in range(problems.num_rows) if i not in bad]
         rows = problems.take(pa.array(todo, pa.int64())).to_pylist() if todo else []
-        results = judge_problems(engine, rows, cfg.judge, seed=ctx.seed("judge"))
+        try:
+            results = judge_problems(engine, rows, cfg.judge, seed=ctx.seed("judge"))
+        finally:
+            engine.close()
         for i, res in zip(todo, results, strict=True):
             if res.scores is not None:
                 judged[i] = res.scores.as_subscores()
@@ -303,7 +321,8 @@ def _write_quarantine(ctx, problems: pa.Table, raw: list[dict], bad: list[int], 
 
     rows = []
     for i in bad:
-        row = problems.slice(i, 1).drop_columns(["images"]).to_pylist()[0]
+        one = problems.slice(i, 1)
+        row = (one.drop_columns(["images"]) if "images" in one.column_names else one).to_pylist()[0]
         reason = raw[i].get("reason", "image_unreadable")
         m.quarantine(reason)
         rows.append(

@@ -172,9 +172,10 @@ def test_assess_stage_ray_matches_in_process_on_mathv(tmp_path, mathv_dir, ray_l
 def test_assess_quarantines_unreadable_image(tmp_path):
     good = make_problem(0, 1)
     bad_img = {"bytes": b"\x89PNG\r\n\x1a\nnot really", "format": "png", "width": 10, "height": 10}
+    # The broken row comes first in its batch: the batch must keep every score column anyway.
     rows = [
-        _problem("ok", good["question"], good["images"], difficulty=1),
         _problem("broken", "What is shown in the picture?", [bad_img], difficulty=2),
+        _problem("ok", good["question"], good["images"], difficulty=1),
         _problem("text", "Compute 2 + 3 * 4.", difficulty=1),
     ]
     run = tmp_path / "run"
