@@ -140,7 +140,9 @@ def _missing(sec: Section, what: str) -> Section:
 def section_steps(d: RunData) -> Section:
     sec = Section("steps", "Steps and counts")
     if not d.manifests:
-        return _missing(sec, "no finished step (no _manifest.json) in this run directory")
+        nested = sorted({p.parent.parent.name for p in d.run_dir.glob(f"*/*/{MANIFEST}")})
+        hint = f" (runs found one level down: {', '.join(nested)}; pass <root>/<name>)" if nested else ""
+        return _missing(sec, f"no finished step (no _manifest.json) in this run directory{hint}")
     rows = []
     for m in d.manifests:
         out = m.kept + sum(m.dropped.values()) + sum(m.quarantined.values())
