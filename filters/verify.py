@@ -6,7 +6,7 @@
 
 Verdicts, kept apart on purpose (an unverifiable gold is not a wrong chain):
 `correct`, `wrong`, `no_answer` (nothing extractable), `gold_unparsable`, `timeout` (the hard deadline
-hit), `truncated` (finish_reason "length" or an unclosed think / solution span; see filters/extract.py).
+hit, or the check's worker died: memory limit, crash; `detail` says which), `truncated` (finish_reason "length" or an unclosed think / solution span; see filters/extract.py).
 
 The check is picked from `VERIFIERS`, an explicit dict keyed on the problem's `answer_type`. Each wraps
 math-verify 0.9 (`parse` / `verify(gold, target)`, gold first) and fixes what it gets wrong by default:
