@@ -36,6 +36,11 @@ class RowSampler:
         self.temperature = [float(r["temperature"]) for r in rows]
         self.top_p = [float(r["top_p"]) for r in rows]
         self.max_tokens = [int(r["max_tokens"]) for r in rows]
+        self.temperature_t = torch.tensor(self.temperature, device=device).unsqueeze(1)
+        self.top_p_t = torch.tensor(self.top_p, device=device).unsqueeze(1)
+        self.any_top_p = any(p < 1.0 for p in self.top_p)
+        self.max_tokens_t = torch.tensor(self.max_tokens, device=device)
+        self.min_max_tokens = min(self.max_tokens)
         self.generators = []
         for r in rows:
             g = torch.Generator(device=device)
@@ -50,27 +55,23 @@ class RowSampler:
         seen = torch.gather(scores, 1, input_ids)
         seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
         scores = scores.scatter(1, input_ids, seen)
+        temp = self.temperature_t.to(scores.device)
+        logp = torch.log_softmax(scores / temp.clamp_min(1e-6), dim=-1)
+        if self.any_top_p:
+            sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
+            p = sorted_lp.exp()
+            drop = (torch.cumsum(p, dim=-1) - p) > self.top_p_t.to(scores.device)  # keep the prefix reaching top_p
+            logp = logp.scatter(1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+        # One draw per row per step from the row's own generator: independent of batch neighbours.
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        sampled = logp - torch.log(-torch.log(u.clamp_(1e-10, 1.0)))
+        out = torch.where((temp > 0), sampled, scores)
         step = input_ids.shape[1] - self.prompt_len
-        out = torch.empty_like(scores)
-        for i in range(scores.shape[0]):
-            row = scores[i]
-            if step >= self.max_tokens[i]:
-                forced = torch.full_like(row, float("-inf"))
-                forced[self.eos_id] = 0.0
-                out[i] = forced
-                continue
-            t = self.temperature[i]
-            if t <= 0:
-                out[i] = row
-                continue
-            logp = torch.log_softmax(row / t, dim=-1)
-            if self.top_p[i] < 1.0:
-                sorted_lp, idx = torch.sort(logp, descending=True)
-                cum = torch.cumsum(sorted_lp.exp(), dim=-1)
-                drop = cum - sorted_lp.exp() > self.top_p[i]  # keep the smallest prefix reaching top_p
-                logp = logp.scatter(0, idx[drop], float("-inf"))
-            u = torch.rand(row.shape, generator=self.generators[i], device=row.device).clamp_(1e-10, 1.0)
-            out[i] = logp - torch.log(-torch.log(u))
+        if step >= self.min_max_tokens:  # checked on the host: no device sync on most steps
+            done = self.max_tokens_t.to(scores.device) <= step
+            forced = torch.full_like(out, float("-inf"))
+            forced[:, self.eos_id] = 0.0
+            out = torch.where(done.unsqueeze(1), forced, out)
         return out
 
 

@@ -13,11 +13,11 @@ from pipeline.schema import SCHEMA_VERSIONS
 from teachers.cache import GenerationCache
 from teachers.caption import CaptionConfig
 from teachers.caption import run as run_caption
-from teachers.devserver import DevServer, ServerConfig
+from teachers.devserver import DevServer
 from teachers.engines import OpenAIEngineConfig, ScriptedEngineConfig, VLLMEngineConfig
 from teachers.generate import GenerateConfig, build_requests, run
 
-from .conftest import chains_by_id, make_ctx, synthetic_problems, write_problems
+from .conftest import chains_by_id, make_ctx, synthetic_problems
 
 
 def test_caption_feeds_a_text_only_teacher(run_dir, problems12):
