@@ -15,7 +15,7 @@ the user turn, `images` as stored bytes. Per sample:
 - `pixel_values` from the image processor (dynamic tiling where it tiles: `max_tiles`), decoded from the
   shard bytes; None for text-only samples.
 Rows that cannot be used are dropped and counted (`dataset.dropped`: overlong, image_count_mismatch,
-no_assistant_turn), never silently.
+no_assistant_turn, empty_message, template_error, bad_image_record), never silently.
 
 Items (what the training loop permutes with its seed, so resume is exact at an item index):
 - `packing: false, group_by_length: false`: one sample per item;
@@ -253,15 +253,29 @@ class SFTDataset(Sequence):
 
     def _measure(self) -> tuple[list[int], list[int]]:
         texts, owners, image_tokens = [], [], []
+        from jinja2 import TemplateError
+
         for r, msgs in enumerate(self.messages):
             images = self._images[r].as_py() or []
+            msgs = msgs or []
             if not any(m["role"] == "assistant" and m["content"] for m in msgs):
                 self._drop("no_assistant_turn", r)
                 continue
-            full = self.enc.render(msgs)
+            if any(not isinstance(m["content"], str) or not m["role"] for m in msgs):
+                self._drop("empty_message", r)
+                continue
+            try:
+                full = self.enc.render(msgs)
+            except TemplateError as e:
+                log.warning("SFT sample %r: chat template failed: %s", self.sample_ids[r], e)
+                self._drop("template_error", r)
+                continue
             pieces = full.split(IMAGE_PLACEHOLDER)
             if len(pieces) - 1 != len(images):
                 self._drop("image_count_mismatch", r)
+                continue
+            if any(not im.get("bytes") or not im.get("width") or not im.get("height") for im in images):
+                self._drop("bad_image_record", r)
                 continue
             texts += pieces
             owners += [r] * len(pieces)

@@ -78,16 +78,20 @@ def test_bad_rows_are_dropped_and_counted(student, tmp_path):
     from trainers.data import SFTDataConfig, SFTDataset
 
     _, processor = student
-    rows = make_sft_rows(6)
+    rows = make_sft_rows(9)
     rows[1]["images"] = []  # one placeholder, no image
     rows[3]["messages"] = rows[3]["messages"][:2]  # no assistant turn
     rows[4]["messages"][2]["content"] = "<think>" + "wait, check again. " * 400 + "</think>6"
+    rows[6]["messages"][0]["content"] = None
+    rows[7]["images"][0]["width"] = None
     with ShardWriter(tmp_path, SFT, "sft") as w:
         w.write(rows)
     ds = SFTDataset(tmp_path, processor, SFTDataConfig(max_len=1024))
-    assert ds.dropped == {"image_count_mismatch": 1, "no_assistant_turn": 1, "overlong": 1}
-    assert ds.dropped_ids["overlong"] == ["s004"]
-    assert len(ds) + sum(ds.dropped.values()) == ds.rows_in == 6
+    assert ds.dropped == {
+        "image_count_mismatch": 1, "no_assistant_turn": 1, "overlong": 1, "empty_message": 1, "bad_image_record": 1
+    }
+    assert ds.dropped_ids["overlong"] == ["s004"] and ds.dropped_ids["bad_image_record"] == ["s007"]
+    assert len(ds) + sum(ds.dropped.values()) == ds.rows_in == 9
     assert all(ds[i]["length"] <= 1024 for i in range(len(ds)))
 
 
