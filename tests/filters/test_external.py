@@ -97,3 +97,17 @@ def test_ingest_filter_curate_on_external_traces(ray_local, traces_path, tmp_pat
     kept_ids = set(read_table(run_dir / "filter").filter(pa.compute.field("keep")).column("chain_id").to_pylist())
     assert sft and {s["chain_id"] for s in sft} <= kept_ids
     assert all(s["messages"][-1]["content"].startswith("<think>") for s in sft)
+
+
+def test_images_are_read_relative_to_the_source_file(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "fig.png")
+    rows = [{"q": "Area?", "gold": "48", "img": "fig.png", "out": "8*6</think>\\boxed{48}"},
+            {"q": "Broken", "gold": "1", "img": "missing.png", "out": "x</think>\\boxed{1}"}]
+    path = _jsonl(tmp_path / "gens.jsonl", rows)
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns={**COLS, "id": None, "images": "img"}))
+    assert loaded.quarantined == {"missing_image": 1}
+    (problem,) = loaded.problems.to_pylist()
+    assert [(im["format"], im["width"], im["height"]) for im in problem["images"]] == [("png", 8, 6)]
+    assert loaded.chains.column("problem_id").to_pylist() == [problem["problem_id"]]
