@@ -145,7 +145,12 @@ class ShardWriter:
             self._emit(self._buffered)
 
     def close(self) -> None:
+        """Flush; a table that received no rows still gets one empty shard carrying its schema, so
+        downstream stages and `pl.scan_parquet` read an empty table instead of a missing one."""
         self.flush()
+        if not self.files:
+            self._buf = [self.schema.remove_metadata().empty_table()]
+            self._emit(0)
 
     def __enter__(self) -> ShardWriter:
         return self
