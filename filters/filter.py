@@ -258,6 +258,12 @@ def _run_batches(table: pa.Table, cfg: FilterConfig, actor_cls: type = _FilterAc
     from pipeline.ray_utils import init_ray
 
     init_ray()
+    # more actors than the cluster has CPUs for would wait for resources forever
+    fits = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_worker))
+    if cfg.workers > fits:
+        log.warning("filter.workers=%d but the cluster fits %d actors of %g CPU; using %d",
+                    cfg.workers, fits, cfg.cpus_per_worker, fits)
+        cfg = cfg.model_copy(update={"workers": fits})
     # one block per batch, so the actor pool gets work to share from the start
     blocks = [table.slice(off, cfg.batch_size) for off in range(0, table.num_rows, cfg.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
