@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
@@ -119,6 +120,7 @@ class _Encoder:
         ip = processor.image_processor
         self.image_kwargs: dict[str, Any] = {}
         self._count_cache: dict[tuple[int, int], int] = {}
+        self._expansion_cache: dict[str, list[int]] = {}
         if hasattr(ip, "crop_to_patches"):  # tiling processors (InternVL / GOT-OCR2)
             self.image_kwargs = {"crop_to_patches": True, "min_patches": cfg.min_tiles, "max_patches": cfg.max_tiles}
 
@@ -154,7 +156,8 @@ class _Encoder:
             if m["role"] != "assistant":
                 continue
             prefix = self.render(messages[:k], generation_prompt=True)
-            upto = self.render(messages[: k + 1])
+            # The usual row ends with its only assistant turn: then `full` is already that render.
+            upto = full if k == len(messages) - 1 else self.render(messages[: k + 1])
             if not (full.startswith(upto) and upto.startswith(prefix)):
                 raise DataError("chat template is not prefix-stable: cannot locate the assistant turn")
             # The newline after the end-of-turn token is never generated: no loss on it.
@@ -181,26 +184,30 @@ class _Encoder:
             pixel_values = inputs["pixel_values"]
             for i in range(len(images)):
                 text = self.processor.replace_image_token(inputs, i)
-                expansions.append(self.tok(text, add_special_tokens=False)["input_ids"])
-        ids: list[int] = []
-        weights: list[float] = []
+                if text not in self._expansion_cache:
+                    self._expansion_cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+                expansions.append(self._expansion_cache[text])
+        ids, starts = [], []
         pos = 0
         for j, piece in enumerate(pieces):
             enc = self.tok(piece, add_special_tokens=False, return_offsets_mapping=True)
-            for tid, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-                c = pos + a
-                w = 0.0
-                if any(s <= c < e for s, e in turns):
-                    w = self.cfg.think_weight if any(s <= c < e for s, e in thinks) else 1.0
-                ids.append(tid)
-                weights.append(w)
+            ids.append(np.asarray(enc["input_ids"], dtype=np.int64))
+            starts.append(np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1) + pos)
             pos += len(piece)
             if j < len(expansions):
-                ids += expansions[j]
-                weights += [0.0] * len(expansions[j])
+                ids.append(np.asarray(expansions[j], dtype=np.int64))
+                starts.append(np.full(len(expansions[j]), -1, dtype=np.int64))  # image tokens: never trained
                 pos += len(IMAGE_PLACEHOLDER)
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        loss_weights = torch.tensor(weights, dtype=torch.float32)
+        ids_np, starts_np = np.concatenate(ids), np.concatenate(starts)
+        # A token belongs to the span its first character falls in.
+        weights = np.zeros(len(ids_np), dtype=np.float32)
+        for a, b in turns:
+            weights[(starts_np >= a) & (starts_np < b)] = 1.0
+        for a, b in thinks:
+            weights[(starts_np >= a) & (starts_np < b) & (weights > 0)] = self.cfg.think_weight
+        ids, weights = ids_np, weights
+        input_ids = torch.from_numpy(ids)
+        loss_weights = torch.from_numpy(weights)
         labels = torch.where(loss_weights > 0, input_ids, torch.full_like(input_ids, -100))
         return {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights, "pixel_values": pixel_values}
 
@@ -239,7 +246,7 @@ class SFTDataset(Sequence):
         table = read_sft(source)
         self.sample_ids: list[str] = table.column("sample_id").to_pylist()
         self.messages: list[list[dict]] = table.column("messages").to_pylist()
-        self._images = table.column("images")
+        self._images = table.column("images").combine_chunks()  # O(1) row access
         self.rows_in = table.num_rows
         self.dropped: dict[str, int] = {}
         self.dropped_ids: dict[str, list[str]] = {}
