@@ -314,27 +314,45 @@ def _norm_text(s: str) -> str:
     return " ".join(s.split()).strip(" .")
 
 
+def _squash(s: str) -> str:
+    return re.sub(r"\s+", "", clean_answer(s)).replace("\\dfrac", "\\frac").replace("\\left", "").replace("\\right", "")
+
+
+def _match_option(text: str, choices: list[str], opts: dict) -> str | None:
+    """The letter of the one option `text` names: exact text, then loose text, then mathematical equality.
+
+    Each step must single out one option; loose text alone can merge options ("-g(x+2)" and "-g(x)+2").
+    """
+    for same in (lambda c: _squash(c) == _squash(text), lambda c: _norm_text(c) == _norm_text(text)):
+        hits = [i for i, c in enumerate(choices) if same(c)]
+        if len(hits) == 1:
+            return chr(65 + hits[0])
+        if len(hits) > 1:
+            break
+    P = _parse(clean_answer(text))
+    if not P:
+        return None
+    hits = []
+    for i, c in enumerate(choices):
+        C = _parse(clean_answer(c))
+        if C and _eq(list(C), list(P), opts):
+            hits.append(i)
+    return chr(65 + hits[0]) if len(hits) == 1 else None
+
+
 def _check_choice(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str]:
     choices = list(choices or [])
     n = len(choices) or None
     g = choice_letter(gold, n)
     if g is None and choices:
-        g = next((chr(65 + i) for i, c in enumerate(choices) if _norm_text(c) == _norm_text(gold)), None)
+        g = _match_option(gold, choices, opts)
     if g is None:
         raise _GoldUnparsable(f"gold {gold[:40]!r} is neither an option letter nor an option text")
     p = choice_letter(pred, n)
     if p is None and choices:
-        # the option text instead of its letter: exact text first, then mathematical equality
-        p = next((chr(65 + i) for i, c in enumerate(choices) if _norm_text(c) == _norm_text(pred)), None)
-        if p is None:
-            P = _parse(clean_answer(pred))
-            for i, c in enumerate(choices):
-                C = _parse(clean_answer(c))
-                if P and C and _eq(list(C), list(P), opts):
-                    p = chr(65 + i)
-                    break
+        p = _match_option(pred, choices, opts)  # the option text instead of its letter
     if p is None:
-        return "wrong", f"{pred[:40]!r} names no option"
+        return "wrong", f"{pred[:40]!r} names no single option"
     return ("correct", "") if p == g else ("wrong", f"chose {p}, gold {g}")
 
 

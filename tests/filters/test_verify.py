@@ -11,6 +11,9 @@ from filters.verify import VERIFIERS, VerifyConfig, check_answer, verify_respons
 
 OPTS = {"float_rounding": 6, "percent_either_way": True}
 ABC = ["10", "12", "14"]
+FG = ["$f(x)=-g(x)+2$", "$f(x)=-g(x)-2$", "$f(x)=-g(x+2)$", "$f(x+2)=-g(x)$", "$f(x+1)=-g(x-1)$"]
+COS = ["$\\cos \\beta+\\tg \\beta$", "$\\frac{1}{\\cos (2 \\beta)}$", "$\\cos ^{2} \\beta$", "$\\cos (2 \\beta)$",
+       "$\\frac{1}{\\cos ^{2} \\beta}$"]
 
 # (prediction, gold, answer_type, choices, expected verdict)
 CASES = [
@@ -81,6 +84,10 @@ CASES = [
     ("14", "B", "choice", ABC, "wrong"),
     ("C", "B", "choice", ABC, "wrong"),
     ("13", "B", "choice", ABC, "wrong"),
+    # option texts that differ only in brackets or exponents (MATH-V): loose text matching would merge them
+    ("$f(x)=-g(x+2)$", "C", "choice", FG, "correct"),
+    ("f(x) = -g(x) + 2", "C", "choice", FG, "wrong"),
+    ("\\frac{1}{\\cos ^{2} \\beta}", "E", "choice", COS, "correct"),
     # a bare letter gold, without option texts and with another answer_type
     ("B", "B", None, None, "correct"),
     ("(B)", "B", "text", None, "correct"),
