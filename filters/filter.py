@@ -264,9 +264,11 @@ def _run_batches(table: pa.Table, cfg: FilterConfig, actor_cls: type = _FilterAc
         log.warning("filter.workers=%d but the cluster fits %d actors of %g CPU; using %d",
                     cfg.workers, fits, cfg.cpus_per_worker, fits)
         cfg = cfg.model_copy(update={"workers": fits})
-    # one block per batch, so the actor pool gets work to share from the start
+    # one block per batch, so the actor pool gets work to share from the start. from_blocks keeps the
+    # blocks as given and computes their metadata here; from_arrow would start a remote task per block
     blocks = [table.slice(off, cfg.batch_size) for off in range(0, table.num_rows, cfg.batch_size)]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    make = getattr(ray.data, "from_blocks", ray.data.from_arrow)
+    ds = make(blocks).map_batches(
         actor_cls,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
