@@ -89,7 +89,9 @@ class GenerateConfig(StageConfig):
     workers: int = Field(1, ge=0, description="engine actors (one engine each); 0 = in-process, no Ray")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per engine actor (vllm: tensor x pipeline parallel)")
-    batch_size: int = Field(16, ge=1, description="requests per worker call")
+    batch_size: int = Field(
+        16, ge=1, description="requests per worker call (openai: at least max_concurrency, or it caps the concurrency)"
+    )
     flush_rows: int = Field(256, ge=1, description="chains per shard: a kill loses at most this many")
     cache: bool = Field(True, description="use the per-sample generation cache")
     cache_dir: str | None = Field(None, description="cache directory (default: <run.root>/.cache/generations)")
@@ -324,6 +326,11 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
         writer.write(_strip(pa.Table.from_pylist(bad, schema=WORKER_OUT)))
         acct.errors.update(b["_error_kind"] for b in bad)
     todo = [r for r in requests if r["chain_id"] not in done]
+    conc = getattr(cfg.engine, "max_concurrency", 0)
+    if cfg.workers and conc > cfg.batch_size:
+        # A worker holds one batch at a time, so a batch smaller than the concurrency caps it.
+        log.warning("generate: batch_size %d < engine.max_concurrency %d: at most %d requests in flight per worker",
+                    cfg.batch_size, conc, cfg.batch_size)
     log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
              expected, len(done), len(todo), cfg.engine.kind, cfg.engine.teacher_name())
     t0 = time.perf_counter()

@@ -141,7 +141,7 @@ class HFEngine:
             return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         msgs = [[{"role": m["role"], "content": _parts(m["content"])} for m in r.messages] for r in reqs]
         return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                  return_tensors="pt", padding=True)
+                                                  return_tensors="pt", processor_kwargs={"padding": True})
 
     def _batch(self, reqs: list[GenRequest]) -> list[GenResult]:
         import torch
