@@ -75,7 +75,8 @@ class FilterConfig(StageConfig):
     batch_size: int = Field(32, ge=1, description="chains per batch sent to an actor")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per actor (its check worker included)")
     starts_in_think: bool = Field(
-        True, description="completions start inside <think> (the chat template opened it): no </think> = cut off"
+        False,
+        description="raw completions (no reasoning/response columns) start inside <think>: no </think> = cut off",
     )
     min_quality: float = Field(0.0, ge=0, le=5, description="drop correct chains below this quality (low_quality)")
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
@@ -97,12 +98,14 @@ def fingerprint_extra(cfg: FilterConfig) -> dict:
 def _texts(row: dict, starts_in_think: bool) -> tuple[str, str, bool]:
     """(reasoning, response, closed) of a chain row, from its split columns or its raw completion."""
     completion = row.get("completion")
-    split = split_chain(completion, starts_in_think) if completion else None
     if row.get("reasoning") is not None or row.get("response") is not None:
-        closed = split.closed if split is not None else True
+        # the engine split it already (with finish_reason); only an explicit unclosed marker is news here.
+        # A teacher that does not think writes no markers at all: that is a complete answer, not a cut one.
+        closed = split_chain(completion, False).closed if completion else True
         return row.get("reasoning") or "", row.get("response") or "", closed
-    if split is None:
+    if not completion:
         return "", "", True
+    split = split_chain(completion, starts_in_think)
     return split.reasoning, split.response, split.closed
 
 

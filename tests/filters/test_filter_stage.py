@@ -53,6 +53,8 @@ CASES = [
     (_chain("c-loop", "p-num", "<think>" + LOOP * 40 + "</think>\\boxed{10}"), "correct", "looping"),
     (_chain("c-tower", "p-num", f"<think>big</think>\\boxed{{{tower()}}}"), "timeout", "timeout"),
     (_chain("c-after-tower", "p-num", "<think>ok</think>\\boxed{10}"), "correct", None),
+    (dict(_chain("c-plain", "p-num", "The answer is $\\boxed{10}$."), reasoning="",
+          response="The answer is $\\boxed{10}$."), "correct", None),  # a teacher that does not think
     (_chain("c-over", "p-budget", "<think>long</think>\\boxed{7}", tokens=900, max_tokens=800), "correct", "over_budget"),
 ]
 ORPHAN = _chain("c-orphan", "p-missing", "<think>x</think>\\boxed{1}")
