@@ -16,13 +16,13 @@ from .conftest import chains_by_id, make_ctx, strip_timing
 @pytest.fixture
 def fault_server():
     # Every 4th request fails, in turn: 429, 500, an answer slower than the client's timeout, a dropped connection.
-    with DevServer(ServerConfig(fault_every=4, slow_s=1.5)) as srv:
+    with DevServer(ServerConfig(fault_every=4, slow_s=3.0)) as srv:
         yield srv
 
 
 def _cfg(url: str, **kw) -> GenerateConfig:
     engine = OpenAIEngineConfig(base_url=url, model="dev-r1", api_key_env="R1V_TEST_KEY", max_concurrency=4,
-                                timeout_s=0.6, backoff_base_s=0.01, backoff_max_s=0.1, max_retries=8)
+                                timeout_s=2.0, backoff_base_s=0.01, backoff_max_s=0.1, max_retries=8)
     base = dict(engine=engine, samples_per_problem=3, max_tokens=200, workers=2, batch_size=6, flush_rows=10)
     return GenerateConfig(**{**base, **kw})
 
@@ -35,10 +35,11 @@ def test_every_chain_once_despite_faults_and_retries_counted(ray_local, run_dir,
     chains = chains_by_id(run_dir / "generate")
     assert len(chains) == 36 == m.rows_in == m.kept
     assert all(c["error"] is None and c["finish_reason"] == "stop" for c in chains.values())
-    # each injected fault cost exactly one retry
+    # every attempt but the last of each chain was a counted retry; every injected fault caused one
     faults = fault_server.stats.faults
     assert set(faults) == {"rate_limit", "server_error", "slow", "drop"}
-    assert m.metrics["retries"] == sum(faults.values()) > 0
+    assert m.metrics["retries"] == fault_server.stats.requests - 36
+    assert m.metrics["retries"] >= sum(faults.values()) > 0
     assert m.metrics["requests"] == 36
     # images reached the server as decodable data URIs: one in every answered request
     assert fault_server.stats.images == fault_server.stats.ok >= 36
