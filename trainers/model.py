@@ -142,13 +142,14 @@ def _check_dir(path: str | Path, what: str) -> Path:
 def _load_vision(path: Path, dtype):
     """The vision tower from an encoder-only or a full dual-encoder (CLIP/SigLIP) checkpoint."""
     from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     cfg = AutoConfig.from_pretrained(path)
-    vcfg = getattr(cfg, "vision_config", None) or cfg
-    cls = type(AutoModel.from_config(vcfg, dtype=dtype)) if vcfg is not cfg else None
-    if cls is None:
+    vcfg = getattr(cfg, "vision_config", None)
+    if vcfg is None:
         return AutoModel.from_pretrained(path, dtype=dtype)
-    return cls.from_pretrained(path, dtype=dtype)
+    # A dual encoder (CLIP, SigLIP): load only its vision tower class, which takes the vision weights.
+    return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
 
 
 def _resolve_layout(cfg: AssembleConfig, vision_type: str) -> str:
