@@ -397,7 +397,8 @@ def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     """Keep the student's encoder + projector, swap in the LLM at `llm_dir` (and its tokenizer).
 
     Raises ReassemblyError, before loading any weights, when architecture, hidden size or vocabulary
-    don't fit. The chat template and image processor stay the student's.
+    don't fit. The chat template and image processor stay the student's. Memory: the student is loaded
+    whole once (its old LLM included) next to the new LLM, on CPU, so plan ~2x the model size in RAM.
     """
     from transformers import (
         AutoConfig,
@@ -422,7 +423,8 @@ def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     strategy = scfg.vision_feature_select_strategy
     processor = _build_processor(layout, old_proc.image_processor, tokenizer, vcfg, ratio, old_proc.chat_template, strategy)
     image_token = processor.image_token
-    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+    source_rows = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > source_rows:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     config = type(scfg)(**{**scfg.to_dict(), "text_config": llm.config.to_dict()})
     id_key = "image_token_index" if layout == "llava" else "image_token_id"
@@ -431,7 +433,7 @@ def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     proj_state = student.model.multi_modal_projector.state_dict()
     model = _combine(config, student.model.vision_tower, llm.model, llm.lm_head, proj_state, 0, dtype)
     record = {**record, "llm_path": str(ldir), "llm_model_type": llm.config.model_type,
-              "source_vocab_rows": llm.get_input_embeddings().weight.shape[0]}
+              "source_vocab_rows": source_rows}
     record["history"] = [*record.get("history", []), {"op": "reassemble", "from": str(sdir), "llm_path": str(ldir)}]
     log.info("re-assembled %s: projector from %s, LLM from %s -> %s", layout, sdir, ldir, out_dir)
     return _save(model, processor, out_dir, record)
