@@ -96,7 +96,7 @@ _CURRENCY = re.compile(r"\\\$|\$|US\s*\\?\$|\bUSD\b|€|£|¥|\\euro|\\pounds|\b
 _PERCENT = re.compile(r"\\%|%|\\percent|\bpercent\b", re.I)
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree|\bdegrees?\b", re.I)
 _TEXT_UNIT = re.compile(r"(?:\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{[^{}]*\}\s*)+$")
-_WORD_UNIT = re.compile(r"(?<=[\d}\s])\s*[a-zA-Z][a-zA-Z\s^0-9]*$")
+_WORD_UNIT = re.compile(r"(?<=[\d}\s])\s*(?![eE][-+]?\d+$)[a-zA-Z][a-zA-Z\s^0-9]*$")  # not "1e5"
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad|~")
 
 
@@ -113,6 +113,8 @@ def _strip_number(s: str) -> tuple[str, bool]:
     if re.search(r"\d", s):
         s = _WORD_UNIT.sub("", s).strip()
     s = re.sub(r"^[a-zA-Z]\w*\s*=\s*", "", s)  # "r = 6.17" -> "6.17"
+    # math-verify reads "1e5" as 1*E*5 (Euler's number): write scientific notation out
+    s = re.sub(r"^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times 10^{\2}", s)
     return s, pct
 
 

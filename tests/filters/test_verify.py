@@ -33,6 +33,8 @@ CASES = [
     ("5.8 \\text{ cm}", "5.8", "number", None, "correct"),
     ("5.8 cm", "5.8", "number", None, "correct"),
     ("1,000", "1000", "number", None, "correct"),
+    ("1e5", "100000", "number", None, "correct"),
+    ("1e5", "1", "number", None, "wrong"),
     ("1{,}000", "1000", "number", None, "correct"),
     ("r = 6.17", "6.17", "number", None, "correct"),
     ("2\\sqrt{2}", "\\sqrt{8}", "number", None, "correct"),
