@@ -184,6 +184,9 @@ def _build_processor(layout: str, image_processor, tokenizer, vcfg, ratio: float
     from transformers import InternVLProcessor, LlavaProcessor
 
     tokenizer.chat_template = template
+    # Inference pads batched prompts on the left (generation appends on the right); training pads itself.
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config.json
     if layout == "llava":
         _ensure_tokens(tokenizer, [IMAGE_PLACEHOLDER])
         patch = vcfg.patch_size[0] if isinstance(vcfg.patch_size, (list, tuple)) else vcfg.patch_size

@@ -203,3 +203,29 @@ def test_full_clip_checkpoint_gives_vision_tower_without_cls_token(tiny_ckpts, t
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16  # 17 positions minus CLS
     with torch.no_grad():
         assert model.eval()(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_batched_generation_with_image_parts_matches_single(tiny_student):
+    """OpenAI/HF-style image parts render through the saved template; left padding keeps batches exact."""
+    from pipeline.images import decode
+    from trainers.model import load_student
+
+    model, processor = load_student(tiny_student, dtype="float32")
+    model.eval()
+    assert processor.tokenizer.padding_side == "left"
+    convs = [
+        [{"role": "user", "content": [{"type": "image", "image": decode(make_image(1))},
+                                      {"type": "text", "text": "What is the area?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Is 7 prime? Answer with one word only."}]}],
+    ]
+
+    def gen(batch):
+        enc = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt", processor_kwargs={"padding": True})
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        return out[:, enc["input_ids"].shape[1]:]
+
+    both = gen(convs)
+    for i, conv in enumerate(convs):
+        assert torch.equal(both[i], gen([conv])[0]), i
