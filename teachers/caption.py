@@ -25,7 +25,7 @@ from pipeline.config import StageConfig
 from pipeline.rundir import Manifest, stable_hash
 from pipeline.schema import extend
 from teachers.cache import GenerationCache
-from teachers.engines import EngineConfig, ScriptedEngineConfig
+from teachers.engines import EngineConfig
 from teachers.generate import generate_rows
 from teachers.render import prompt_record, read_prompt_file
 
@@ -36,7 +36,7 @@ DESCRIPTION = pa.field("image_description", pa.string())
 
 
 class CaptionConfig(StageConfig):
-    engine: EngineConfig = Field(default_factory=ScriptedEngineConfig, description="a multimodal engine")
+    engine: EngineConfig = Field(description="a multimodal engine (scripted: the simulated captioner)")
     prompt_file: str = Field("caption.txt", description="the captioning instruction (teachers/prompts/ or a path)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy: one faithful description")
     top_p: float = Field(1.0, gt=0, le=1)

@@ -42,7 +42,6 @@ from teachers.engines import (
     EngineConfig,
     GenRequest,
     GenResult,
-    ScriptedEngineConfig,
     engine_config,
     error_result,
     make_engine,
@@ -76,7 +75,9 @@ WORKER_OUT = extend(CHAINS, pa.field("_retries", pa.int64()), pa.field("_error_k
 
 
 class GenerateConfig(StageConfig):
-    engine: EngineConfig = Field(default_factory=ScriptedEngineConfig, description="the teacher engine")
+    engine: EngineConfig = Field(
+        description="the teacher engine (required: a missing one must not silently become the simulator)"
+    )
     samples_per_problem: int = Field(4, ge=1, description="k chains per problem")
     temperature: float = Field(0.6, ge=0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(0.95, gt=0, le=1)
@@ -132,7 +133,9 @@ def build_requests(
             row = {"chain_id": chain_id, "problem_id": p["problem_id"], "round": round_, "teacher": teacher,
                    "sample_idx": s, "seed": seed, "sampling": _sampling(cfg, p, seed)}
             if err is not None:
-                bad.append(_chain_row(row, error_result("bad_input", err)))
+                res = error_result("bad_input", err)
+                res.simulated = cfg.engine.kind == "scripted"
+                bad.append(_chain_row(row, res))
                 continue
             reqs.append({**row, "prompt": prompt_record(messages), "messages": json.dumps(messages), "problem": pjson})
     return reqs, bad

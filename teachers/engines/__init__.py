@@ -48,7 +48,7 @@ class EngineBase(StageConfig):
     def cache_identity(self) -> dict[str, Any]:
         """What decides the engine's output besides prompt and sampling (the cache key's engine part)."""
         return {"kind": self.kind, "model": self.model, "revision": self.revision,  # type: ignore[attr-defined]
-                "model_stamp": _local_model_stamp(self.model)}
+                "model_stamp": _local_model_stamp(self.model), "think": [self.think_start, self.think_end]}
 
 
 class ScriptedEngineConfig(EngineBase):
@@ -91,6 +91,9 @@ class OpenAIEngineConfig(EngineBase):
     backoff_max_s: float = Field(30.0, ge=0, description="cap on one retry delay")
     timeout_s: float = Field(600.0, gt=0, description="per-request timeout (long chains take minutes)")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent with each request")
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity(), "extra_body": self.extra_body}
 
 
 class VLLMEngineConfig(EngineBase):

@@ -51,7 +51,7 @@ def test_text_only_teacher_without_captions_counts_bad_input(run_dir, problems12
 
 
 def test_scripted_captioner_in_demo_mode(run_dir, problems12):
-    m = run_caption(CaptionConfig(workers=0), make_ctx(run_dir, step="caption", stage="caption"))
+    m = run_caption(CaptionConfig(engine=ScriptedEngineConfig(), workers=0), make_ctx(run_dir, step="caption", stage="caption"))
     descs = read_table(run_dir / "caption", ["image_description"]).column(0).to_pylist()
     assert m.kept == 12 and all(d.startswith("Image 1: a 320x240") for d in descs)
 
@@ -67,7 +67,7 @@ def _write_retry(step_dir, ids):
 def test_round_one_generates_only_the_retry_list(run_dir, problems12):
     ids = [p["problem_id"] for p in problems12[:5]]
     _write_retry(run_dir / "curate", ids)
-    gen = GenerateConfig(workers=0, samples_per_problem=3)
+    gen = GenerateConfig(engine=ScriptedEngineConfig(), workers=0, samples_per_problem=3)
     ctx = make_ctx(run_dir, step="generate-r1", round_=1,
                    inputs={"problems": [run_dir / "ingest"], "retry": [run_dir / "curate"]})
     m = run(gen, ctx)
@@ -126,7 +126,11 @@ def test_cache_is_safe_under_concurrent_writers(tmp_path):
     assert len(list(tmp_path.rglob("*.json"))) == 20 and not list(tmp_path.rglob(".tmp-*"))
 
 
-def test_chains_schema_is_registered():
+def test_generate_needs_an_explicit_engine():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="engine"):
+        GenerateConfig()
     assert "chains" in SCHEMA_VERSIONS
 
 
