@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -84,6 +85,13 @@ class FilterConfig(StageConfig):
     source: ChainsSourceConfig | None = Field(
         None, description="external chains (Parquet/JSONL) to filter when the run has no generate step"
     )
+
+
+def preflight(cfg: FilterConfig) -> list[str]:
+    """Problems found without reading data (`r1v validate`, and before a run)."""
+    if cfg.source is not None and not Path(cfg.source.path).is_file():
+        return [f"filter.source.path: file not found: {cfg.source.path}"]
+    return []
 
 
 def fingerprint_extra(cfg: FilterConfig) -> dict:

@@ -111,3 +111,12 @@ def test_images_are_read_relative_to_the_source_file(tmp_path):
     (problem,) = loaded.problems.to_pylist()
     assert [(im["format"], im["width"], im["height"]) for im in problem["images"]] == [("png", 8, 6)]
     assert loaded.chains.column("problem_id").to_pylist() == [problem["problem_id"]]
+
+
+def test_validate_names_a_missing_source(tmp_path):
+    from filters.filter import FilterConfig, preflight
+
+    assert preflight(FilterConfig(source={"path": str(tmp_path / "nope.jsonl")})) == [
+        f"filter.source.path: file not found: {tmp_path / 'nope.jsonl'}"
+    ]
+    assert preflight(FilterConfig()) == []
