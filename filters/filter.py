@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
