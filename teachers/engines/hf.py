@@ -130,9 +130,21 @@ class HFEngine:
         bs = self.cfg.batch_size
         for k in range(0, len(ok), bs):
             idx = ok[k : k + bs]
-            for i, res in zip(idx, self._batch([requests[i] for i in idx]), strict=True):
+            for i, res in zip(idx, self._batch_or_split([requests[i] for i in idx]), strict=True):
                 results[i] = res
         return results  # type: ignore[return-value]
+
+    def _batch_or_split(self, reqs: list[GenRequest]) -> list[GenResult]:
+        """Generate a batch; on CUDA out-of-memory retry it as two halves, down to single rows."""
+        import torch
+
+        try:
+            return self._batch(reqs, catch=len(reqs) == 1)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            half = len(reqs) // 2
+            log.warning("hf engine: out of memory at batch %d; splitting", len(reqs))
+            return self._batch_or_split(reqs[:half]) + self._batch_or_split(reqs[half:])
 
     def _inputs(self, reqs: list[GenRequest]) -> Any:
         if self.processor is None:
@@ -143,7 +155,7 @@ class HFEngine:
         return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                   return_tensors="pt", processor_kwargs={"padding": True})
 
-    def _batch(self, reqs: list[GenRequest]) -> list[GenResult]:
+    def _batch(self, reqs: list[GenRequest], catch: bool = True) -> list[GenResult]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -162,7 +174,9 @@ class HFEngine:
             with torch.inference_mode():
                 out = self.model.generate(**enc, generation_config=gen_cfg,
                                           logits_processor=LogitsProcessorList([sampler]))
-        except (RuntimeError, ValueError) as e:  # OOM, bad template, bad image: this batch only
+        except (RuntimeError, ValueError) as e:  # bad template, bad image, OOM of one row: this batch only
+            if isinstance(e, torch.cuda.OutOfMemoryError) and not catch:
+                raise
             log.exception("hf engine: batch of %d failed", len(reqs))
             dt = time.perf_counter() - t0
             return [error_result("engine_exception", f"{type(e).__name__}: {e}", dt) for _ in reqs]

@@ -148,3 +148,7 @@ def test_hf_rows_do_not_depend_on_batch_neighbours(tiny_chat_model):
     tok = eng.tokenizer
     distinct = [len(set(tok(r.text, add_special_tokens=False)["input_ids"])) for r in (plain, penalised)]
     assert plain.text != penalised.text and distinct[1] > distinct[0]
+    # images sent to a text-only checkpoint: that row fails as bad_input, its neighbour is served
+    mm = render_messages(synthetic_problems(1)[0], PromptConfig(), text_only=False)
+    bad, good = eng.generate([GenRequest(messages=mm, sampling=greedy), reqs[0]])
+    assert bad.error_kind == "bad_input" and bad.finish_reason == "error" and good.text == together[0].text
