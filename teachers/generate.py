@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -106,11 +107,24 @@ def _sampling(cfg: GenerateConfig, problem: dict[str, Any], seed: int) -> dict[s
     s = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
          "repetition_penalty": cfg.repetition_penalty, "seed": seed}
     if cfg.use_row_sampling:
-        for key in ("temperature", "top_p", "max_tokens", "repetition_penalty"):
+        for key, ok in _ROW_SAMPLING.items():
             v = problem.get(key)
-            if v is not None:
+            if v is None:
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(v) and ok(v):
                 s[key] = int(v) if key == "max_tokens" else float(v)
+            else:
+                # An unusable per-row value falls back to the config's, never fails the run.
+                log.warning("generate: problem %s: ignoring %s=%r", problem.get("problem_id"), key, v)
     return s
+
+
+_ROW_SAMPLING = {
+    "temperature": lambda v: v >= 0,
+    "top_p": lambda v: 0 < v <= 1,
+    "max_tokens": lambda v: v >= 1,
+    "repetition_penalty": lambda v: v > 0,
+}
 
 
 def build_requests(

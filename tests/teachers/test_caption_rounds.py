@@ -126,6 +126,14 @@ def test_cache_is_safe_under_concurrent_writers(tmp_path):
     assert len(list(tmp_path.rglob("*.json"))) == 20 and not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_unusable_row_sampling_falls_back_to_config():
+    from teachers.generate import _sampling
+
+    cfg = GenerateConfig(engine=ScriptedEngineConfig(), max_tokens=500, repetition_penalty=1.1)
+    s = _sampling(cfg, {"problem_id": "p", "max_tokens": float("nan"), "repetition_penalty": -2.0, "top_p": 0.5}, 7)
+    assert s == {"temperature": cfg.temperature, "top_p": 0.5, "max_tokens": 500, "repetition_penalty": 1.1, "seed": 7}
+
+
 def test_generate_needs_an_explicit_engine():
     from pydantic import ValidationError
 
