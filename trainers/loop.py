@@ -225,8 +225,28 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.blank_image = None
+            base = _unwrap(model)
+            cfg = getattr(base, "config", None)
+            vcfg = getattr(cfg, "vision_config", None)
+            token = getattr(cfg, "image_token_id", None)
+            if vcfg is not None and token is not None and hasattr(base, "get_image_features"):
+                size = getattr(vcfg, "image_size", 224)
+                size = size[0] if isinstance(size, (list, tuple)) else size
+                blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
+                with torch.no_grad():  # before DeepSpeed wraps the model: how many tokens one image takes
+                    feats = base.get_image_features(pixel_values=blank, return_dict=True).pooler_output
+                if isinstance(feats, (list, tuple)):
+                    feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+                self.blank_tokens = int(feats.reshape(-1, feats.shape[-1]).shape[0])
+                self.blank_image = blank
+                self.image_token_id = int(token)
+                pad = getattr(getattr(cfg, "text_config", cfg), "pad_token_id", None)
+                self.pad_id = int(pad) if pad is not None else 0
 
         def forward(self, batch: dict) -> Any:
+            if self.blank_image is not None and batch.get("pixel_values") is None:
+                batch = self._with_blank_image(batch)
             labels = batch["labels"]
             weights = batch.get("loss_weights")
             if weights is None:
@@ -240,9 +260,42 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
             inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
             if chunk > 0 and zero_stage < 3 and inner is not None and head is not None:
                 hidden = inner(**inputs, use_cache=False).last_hidden_state
-                return chunked_lm_loss(hidden, head, labels, weights, chunk)
-            logits = self.model(**inputs, use_cache=False).logits
-            return chunked_lm_loss(logits, torch.nn.Identity(), labels, weights, 0)
+                loss = chunked_lm_loss(hidden, head, labels, weights, chunk)
+            else:
+                logits = self.model(**inputs, use_cache=False).logits
+                loss = chunked_lm_loss(logits, torch.nn.Identity(), labels, weights, 0)
+            return loss
+
+        def _with_blank_image(self, batch: dict) -> dict:
+            """A text-only micro-batch gets one blank image appended after its last token (no loss).
+
+            ZeRO-2/3 reduce gradients bucket by bucket in the order backward produces them and ZeRO-3
+            gathers parameters in the order modules run; every rank must do both identically. A rank
+            whose batch has no image would skip encoder + projector and the collectives would no longer
+            line up (wrong gradients, an IndexError, or a hang). The blank image's tokens come after
+            every real token (causal: no real token sees them), are masked or form their own packed
+            block, and carry labels -100, so the loss and its gradient are exactly those of the text.
+            """
+            ids = batch["input_ids"]
+            rows, n = ids.shape[0], self.blank_tokens
+            extra = torch.full((rows, n), self.pad_id, dtype=ids.dtype, device=ids.device)
+            extra[0] = self.image_token_id
+            out = dict(batch)
+            out["input_ids"] = torch.cat([ids, extra], dim=1)
+            out["labels"] = torch.cat([batch["labels"], torch.full_like(extra, -100)], dim=1)
+            if batch.get("loss_weights") is not None:
+                lw = batch["loss_weights"]
+                out["loss_weights"] = torch.cat([lw, lw.new_zeros((rows, n))], dim=1)
+            if batch.get("position_ids") is not None:
+                pos = torch.arange(n, device=ids.device).expand(rows, n)
+                out["position_ids"] = torch.cat([batch["position_ids"], pos], dim=1)
+            else:
+                mask = batch.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(ids)
+                out["attention_mask"] = torch.cat([mask, torch.zeros_like(extra)], dim=1)
+            out["pixel_values"] = self.blank_image.to(ids.device, next(self.model.parameters()).dtype)
+            return out
 
     return _Loss()
 
@@ -384,8 +437,12 @@ def export_model(engine: Any, model: Any, out: Path, rank: int, zero_stage: int,
     with gather:
         if rank == 0:
             target = model
-            if hasattr(model, "merge_and_unload"):
+            if hasattr(model, "merge_and_unload"):  # a peft wrapper
                 target = model.merge_and_unload()
+            elif any("lora_" in n for n, _ in model.named_parameters()):  # adapters injected in place
+                from trainers.model import merge_lora
+
+                target = merge_lora(model)
             sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
             out.mkdir(parents=True, exist_ok=True)
             cfg = getattr(target, "config", None)
@@ -460,6 +517,13 @@ def _weighted(sample: dict, w: float) -> dict:
     return s
 
 
+def _count(batch: dict) -> tuple[int, int]:
+    """(labelled tokens, real tokens) of a batch; padding is not counted as throughput."""
+    labels = int((batch["labels"] != -100).sum())
+    mask = batch.get("attention_mask")
+    return labels, int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def train_loop(
     model: Any,
     data: LoopData,
@@ -528,10 +592,7 @@ def train_loop(
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
-        local = torch.tensor(
-            [sum(int((m["labels"] != -100).sum()) for m in micro), sum(int(m["input_ids"].numel()) for m in micro)],
-            dtype=torch.float64,
-        )
+        local = torch.tensor([sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)], dtype=torch.float64)
         dist.all_reduce(local)
         n_labels, n_tokens = float(local[0]), float(local[1])
         scale = cfg.grad_accum * world / max(n_labels, 1.0)
