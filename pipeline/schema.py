@@ -16,6 +16,9 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "chains": 1,
     "sft": 1,
     "retry": 1,
+    "train_log": 1,
+    "predictions": 1,
+    "failed": 1,
 }
 
 IMAGE = pa.struct(

@@ -37,4 +37,6 @@ STAGES: dict[str, StageSpec] = {
     "filter": StageSpec("filters.filter", "FilterConfig"),
     "curate": StageSpec("filters.curate", "CurateConfig"),
     "assemble": StageSpec("trainers.assemble", "AssembleConfig"),
+    "train": StageSpec("trainers.train", "TrainConfig"),
+    "evaluate": StageSpec("trainers.evaluate", "EvaluateConfig"),
 }
