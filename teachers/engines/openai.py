@@ -67,9 +67,18 @@ class OpenAIEngine:
             return asyncio.run(self._all(requests))
         # Called from inside a running loop (an async actor): run ours on a helper thread.
         box: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", asyncio.run(self._all(requests))))
+
+        def target() -> None:
+            try:
+                box["r"] = asyncio.run(self._all(requests))
+            except BaseException as e:  # re-raised in the caller's thread below
+                box["e"] = e
+
+        t = threading.Thread(target=target)
         t.start()
         t.join()
+        if "e" in box:
+            raise box["e"]
         return box["r"]
 
     def _body(self, req: GenRequest) -> dict[str, Any]:

@@ -87,3 +87,19 @@ def test_reasoning_content_and_cache_rerun_makes_no_request(run_dir, problems12)
     c = next(iter(before.values()))
     assert c["reasoning"].startswith("I see 1 image(s)") and c["completion"].startswith("<think>")
     assert c["response"].startswith("The answer is")
+
+
+def test_engine_called_from_inside_a_running_event_loop():
+    import asyncio
+
+    from teachers.engines import GenRequest, make_engine
+
+    with DevServer(ServerConfig(fault_every=3, faults=("rate_limit",))) as srv:
+        eng = make_engine(OpenAIEngineConfig(base_url=srv.url, model="m", api_key_env=None, backoff_base_s=0.01))
+        reqs = [GenRequest(messages=[{"role": "user", "content": f"q{i}"}], sampling={"seed": i}) for i in range(6)]
+
+        async def inside_loop():  # as in an async actor: the engine must not nest asyncio.run
+            return eng.generate(reqs)
+
+        res = asyncio.run(inside_loop())
+    assert [r.error for r in res] == [None] * 6 and sum(r.retries for r in res) == srv.stats.faults["rate_limit"] > 0
