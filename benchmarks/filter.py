@@ -10,7 +10,8 @@ process, one check worker. Same chains, best of --repeat. Cost ratio = ours / ba
 Scaling: the same work fanned out over Ray Data actor pools of 1 and 2 actors on `--copies` copies of
 the traces; throughput is each actor's chains over its own active span (batch start/end times taken
 inside the actor, so actor start-up is left out), summed over the actors; the end-to-end wall time is
-printed too. Scaling ratio = 2 actors / 1 actor (target >= 1.7).
+printed too. 1- and 2-actor runs alternate, best of --repeat each. Scaling ratio = 2 actors / 1 actor
+(target >= 1.7); it needs two otherwise idle cores, so the machine's load average is printed beside it.
 """
 
 from __future__ import annotations
