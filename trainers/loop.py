@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.config import StageConfig
+from trainers.checkpoint import export_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class LoopConfig(StageConfig):
     )
     log_every: int = Field(1, ge=1, description="log line every N steps")
     peak_tflops: float | None = Field(None, gt=0, description="MFU denominator override (TFLOP/s per device)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    tensorboard: bool = Field(True, description="TensorBoard event files in <out>/tb (rank 0)")
+    export: bool = Field(True, description="save the consolidated model to <out>/model at the end")
 
 
 @dataclass
@@ -358,103 +359,6 @@ def peak_flops(cfg: LoopConfig, device: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
-
-
-def _save_checkpoint(engine: Any, ckpt_dir: Path, step: int, position: dict, rank: int, keep: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    tag = f"step-{step:07d}"
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng-rank{rank}.pt")
-    dist.barrier()
-    # DeepSpeed writes `latest` only after every shard is saved: its presence marks a complete checkpoint.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"position": position})
-    dist.barrier()
-    if rank == 0:
-        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint %s saved (epoch %d, sample %d)", tag, position["epoch"], position["index"])
-
-
-def _load_checkpoint(engine: Any, ckpt_dir: Path, rank: int) -> dict | None:
-    import torch
-
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return None
-    tag = latest.read_text().strip()
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
-    rng = ckpt_dir / tag / f"rng-rank{rank}.pt"
-    if not rng.exists():
-        raise RuntimeError(f"{rng} missing: resume needs the same world size as the run that saved {tag}")
-    _set_rng_state(torch.load(rng, weights_only=False))
-    log.info("resumed from %s (epoch %d, sample %d)", tag, client["position"]["epoch"], client["position"]["index"])
-    return client["position"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# export
-
-
-def export_model(engine: Any, model: Any, out: Path, rank: int, zero_stage: int, processor: Any = None) -> None:
-    """Save the full trained model with `save_pretrained` (ZeRO-3 gathered, LoRA merged) on rank 0."""
-    import contextlib
-
-    import deepspeed
-    import torch.distributed as dist
-
-    gather = (
-        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-        if zero_stage == 3
-        else contextlib.nullcontext()
-    )
-    with gather:
-        if rank == 0:
-            target = model
-            if hasattr(model, "merge_and_unload"):  # a peft wrapper
-                target = model.merge_and_unload()
-            elif any("lora_" in n for n, _ in model.named_parameters()):  # adapters injected in place
-                from trainers.model import merge_lora
-
-                target = merge_lora(model)
-            sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
-            out.mkdir(parents=True, exist_ok=True)
-            cfg = getattr(target, "config", None)
-            if cfg is not None and hasattr(cfg, "use_cache"):
-                cfg.use_cache = True
-            target.save_pretrained(out, state_dict=sd)
-            if processor is not None:
-                processor.save_pretrained(out)
-    dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -565,7 +469,7 @@ def train_loop(
         model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
     ckpt_dir = out_dir / CKPT_DIR
-    position = _load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
+    position = load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
     if position["seed"] != seed:
         raise ValueError(f"{ckpt_dir}: checkpoint was written with seed {position['seed']}, run has seed {seed}")
     step = position["step"]
@@ -578,9 +482,10 @@ def train_loop(
         if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
             records = [r for r in map(json.loads, steps_log.read_text().splitlines()) if r["step"] <= step]
         steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
-        from torch.utils.tensorboard import SummaryWriter
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
+            writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
 
     peak = peak_flops(cfg, device) * world
     losses = [r["loss"] for r in records]
@@ -630,7 +535,8 @@ def train_loop(
             with open(steps_log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             for k in ("loss", "lr", "grad_norm", "tok_s", "mfu"):
-                writer.add_scalar(f"train/{k}", rec[k], step)
+                if writer is not None:
+                    writer.add_scalar(f"train/{k}", rec[k], step)
             if step % cfg.log_every == 0 or step == steps_total:
                 log.info(
                     "step %d/%d | loss %.4f | lr %.1e | tok/s %s | mfu %.4f",
@@ -640,13 +546,14 @@ def train_loop(
         if next_index >= n:
             position.update(epoch=epoch + 1, index=0)
         if cfg.save_every and step % cfg.save_every == 0 and step < steps_total:
-            _save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
+            save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step, rec)
     if writer is not None:
         writer.close()
-    model_dir = out_dir / "model"
-    export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
+    model_dir = out_dir / "model" if cfg.export else None
+    if model_dir is not None:
+        export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
     tail = records[-min(len(records), 5):] if records else []
     metrics = {
         "steps": step,
