@@ -215,6 +215,9 @@ class _Accounting:
         self.errors: Counter[str] = Counter()
         self.finish: Counter[str] = Counter()
         self.engine_s = 0.0
+        self.t0 = time.perf_counter()
+        self.first_at: float | None = None  # when the first engine batch arrived: workers are up
+        self.first_tokens = 0
 
     def add(self, t: pa.Table, from_engine: bool) -> None:
         d = t.select(["prompt_tokens", "completion_tokens", "finish_reason", "_retries", "_error_kind"]).to_pydict()
@@ -226,6 +229,8 @@ class _Accounting:
         if from_engine:
             self.engine_requests += n
             self.engine_completion_tokens += ct
+            if self.first_at is None:
+                self.first_at, self.first_tokens = time.perf_counter(), ct
             self.retries += sum(x or 0 for x in d["_retries"])
         else:
             self.cache_hits += n
@@ -350,7 +355,7 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
                     cfg.batch_size, conc, cfg.batch_size)
     log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
              expected, len(done), len(todo), cfg.engine.kind, cfg.engine.teacher_name())
-    t0 = time.perf_counter()
+    t0 = acct.t0 = time.perf_counter()
     cache = GenerationCache(_cache_dir(cfg, ctx)) if cfg.cache else None
     for batch, from_engine in generate_rows(todo, cfg, cache):
         acct.add(batch, from_engine)
@@ -373,6 +378,13 @@ def _cache_put(cache: GenerationCache, keys: dict[str, str], batch: pa.Table) ->
                 "completion_tokens": row["completion_tokens"], "latency_s": row["latency_s"],
                 "simulated": row["simulated"],
             })
+
+
+def _steady(acct: _Accounting) -> float:
+    if acct.first_at is None:
+        return 0.0
+    dt = acct.t0 + acct.engine_s - acct.first_at
+    return round((acct.engine_completion_tokens - acct.first_tokens) / dt, 1) if dt > 0 else 0.0
 
 
 def _finish(m: Manifest, ctx: Any, acct: _Accounting, expected: int, resumed: int) -> None:
@@ -403,6 +415,9 @@ def _finish(m: Manifest, ctx: Any, acct: _Accounting, expected: int, resumed: in
         "finish_reasons": dict(acct.finish),
         "engine_s": round(acct.engine_s, 3),
         "tokens_per_s": round(acct.engine_completion_tokens / acct.engine_s, 1) if acct.engine_s > 0 else 0.0,
+        # Start-up (worker processes, model load) apart from the steady rate after the first batch.
+        "startup_s": round(acct.first_at - acct.t0, 3) if acct.first_at else 0.0,
+        "steady_tokens_per_s": _steady(acct),
     })
     log.info("generate: %d chains (%d kept) | requests %d | cache hits %d | retries %d | tok/s %.1f",
              len(ids), m.kept, acct.engine_requests, acct.cache_hits, acct.retries, m.metrics["tokens_per_s"])
