@@ -60,7 +60,7 @@ def bench_hf_cpu(args: argparse.Namespace) -> dict:
     import ray
 
     from teachers.engines import GenRequest, HFEngineConfig, make_engine
-    from teachers.generate import GenerateConfig, build_requests, run
+    from teachers.generate import GenerateConfig, build_requests, expand, run
     from tests.teachers.conftest import build_tiny_chat_model, write_problems
 
     tmp = Path(tempfile.mkdtemp(prefix="r1v-bench-gen-"))
@@ -71,7 +71,8 @@ def bench_hf_cpu(args: argparse.Namespace) -> dict:
     cfg = GenerateConfig(engine=engine_cfg, samples_per_problem=args.k, max_tokens=args.max_tokens,
                          temperature=0.8, workers=1, cpus_per_worker=2, batch_size=args.batch_size,
                          flush_rows=64, cache=False)
-    reqs, _ = build_requests(problems, cfg, 0, 0)
+    work, _ = build_requests(problems, cfg, 0, 0)
+    reqs = [r for w in work for r in expand(w)]
     gen_reqs = [GenRequest(messages=json.loads(r["messages"]), sampling=r["sampling"], problem=None) for r in reqs]
 
     def bare() -> dict:
@@ -197,7 +198,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     import torch
 
     from teachers.engines import GenRequest, HFEngineConfig
-    from teachers.generate import REQUESTS, GenerateConfig, GenerateWorker, build_requests
+    from teachers.generate import WORK, GenerateConfig, GenerateWorker, build_requests, expand
 
     tmp = Path(tempfile.mkdtemp(prefix="r1v-bench-gpu-"))
     model = _gpu_model(tmp / "model")
@@ -208,7 +209,8 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                                 device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = GenerateConfig(engine=engine_cfg, samples_per_problem=1, max_tokens=args.gpu_completion, temperature=0.8,
                          workers=0, batch_size=args.gpu_batch, cache=False, prompt={"instruction": ""})
-    rows, _ = build_requests(problems, cfg, 0, 0)
+    work, _ = build_requests(problems, cfg, 0, 0)
+    rows = [r for w in work for r in expand(w)]  # one sample per problem here
     worker = GenerateWorker(engine_cfg.model_dump())
     engine = worker.engine  # one loaded model serves both sides
     warm = [GenRequest(messages=json.loads(rows[0]["messages"]), sampling={**rows[0]["sampling"], "max_tokens": 8})]
@@ -227,7 +229,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     sync()
     bare_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    table = pa.Table.from_pylist(rows, schema=REQUESTS)
+    table = pa.Table.from_pylist(work, schema=WORK)
     stage_tokens = 0
     for i in range(0, n, args.gpu_batch):
         out = worker(table.slice(i, args.gpu_batch))

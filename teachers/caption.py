@@ -65,12 +65,13 @@ def _requests(problems: list[dict[str, Any]], cfg: CaptionConfig, run_seed: int)
         messages = [{"role": "user", "content": parts}]
         cid = stable_hash(p["problem_id"], "caption", name)
         seed = int(stable_hash(run_seed, cid, n=8), 16) & 0x7FFFFFFF
-        out.append({
-            "chain_id": cid, "problem_id": p["problem_id"], "round": 0, "teacher": name, "sample_idx": 0,
-            "seed": seed, "prompt": prompt_record(messages), "messages": json.dumps(messages),
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                    "repetition_penalty": 1.0, "seed": seed}
+        out.append({  # a generate work row with one sample
+            "problem_id": p["problem_id"], "round": 0, "teacher": name, "prompt": prompt_record(messages),
+            "messages": json.dumps(messages),
             "problem": json.dumps({"problem_id": p["problem_id"], "question": p.get("question")}),
-            "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                         "repetition_penalty": 1.0, "seed": seed},
+            "samples": [{"chain_id": cid, "sample_idx": 0, "seed": seed, "sampling": sampling}],
         })
     return out
 

@@ -57,18 +57,25 @@ RESUMABLE = True  # run() reads back a killed attempt's shards and generates onl
 # Problem fields a request carries to the engine (the scripted engine needs the gold answer).
 _PROBLEM_FIELDS = ("problem_id", "question", "answer", "answer_type", "choices", "difficulty", "needs_image")
 
-REQUESTS = pa.schema(
+SAMPLE = pa.struct(
     [
         pa.field("chain_id", pa.string()),
-        pa.field("problem_id", pa.string()),
-        pa.field("round", pa.int32()),
-        pa.field("teacher", pa.string()),
         pa.field("sample_idx", pa.int32()),
         pa.field("seed", pa.int64()),
         pa.field("sampling", SAMPLING),
+    ]
+)
+# One work row per problem with the samples still to generate: the prompt (and its images) travels
+# once per problem, not once per sample, through the object store; a worker expands it.
+WORK = pa.schema(
+    [
+        pa.field("problem_id", pa.string()),
+        pa.field("round", pa.int32()),
+        pa.field("teacher", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("messages", pa.string()),
         pa.field("problem", pa.string()),
+        pa.field("samples", pa.list_(SAMPLE)),
     ]
 )
 # What a worker returns: the chain plus accounting columns the driver strips before writing.
@@ -130,7 +137,7 @@ _ROW_SAMPLING = {
 def build_requests(
     problems: list[dict[str, Any]], cfg: GenerateConfig, round_: int, run_seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(request rows, chain rows for samples whose prompt could not be rendered)."""
+    """(work rows, one per problem with its k samples; chain rows for samples whose prompt could not be rendered)."""
     teacher = cfg.engine.teacher_name()
     system = read_prompt_file(cfg.prompt.system_prompt_file)
     reqs, bad = [], []
@@ -140,19 +147,27 @@ def build_requests(
             err = None
         except RenderError as e:
             messages, err = None, str(e)
-        pjson = json.dumps({k: p.get(k) for k in _PROBLEM_FIELDS}, ensure_ascii=False)
+        samples = []
         for s in range(cfg.samples_per_problem):
             chain_id = stable_hash(p["problem_id"], teacher, round_, s)
             seed = int(stable_hash(run_seed, chain_id, n=8), 16) & 0x7FFFFFFF
-            row = {"chain_id": chain_id, "problem_id": p["problem_id"], "round": round_, "teacher": teacher,
-                   "sample_idx": s, "seed": seed, "sampling": _sampling(cfg, p, seed)}
-            if err is not None:
-                res = error_result("bad_input", err)
-                res.simulated = cfg.engine.kind == "scripted"
-                bad.append(_chain_row(row, res))
-                continue
-            reqs.append({**row, "prompt": prompt_record(messages), "messages": json.dumps(messages), "problem": pjson})
+            samples.append({"chain_id": chain_id, "sample_idx": s, "seed": seed, "sampling": _sampling(cfg, p, seed)})
+        work = {"problem_id": p["problem_id"], "round": round_, "teacher": teacher, "samples": samples}
+        if err is not None:
+            res = error_result("bad_input", err)
+            res.simulated = cfg.engine.kind == "scripted"
+            bad += [_chain_row(r, res) for r in expand({**work, "prompt": None, "messages": None, "problem": None})]
+            continue
+        work.update(prompt=prompt_record(messages), messages=json.dumps(messages),
+                    problem=json.dumps({k: p.get(k) for k in _PROBLEM_FIELDS}, ensure_ascii=False))
+        reqs.append(work)
     return reqs, bad
+
+
+def expand(work: dict[str, Any]) -> list[dict[str, Any]]:
+    """A work row as one request row per sample."""
+    base = {k: work[k] for k in ("problem_id", "round", "teacher", "prompt", "messages", "problem")}
+    return [{**base, **s} for s in work["samples"]]
 
 
 def _chain_row(req: dict[str, Any], res: GenResult) -> dict[str, Any]:
@@ -185,12 +200,13 @@ class GenerateWorker:
         self.engine = make_engine(engine_config(engine))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        requests = [
-            GenRequest(messages=json.loads(r["messages"]), sampling=dict(r["sampling"]),
-                       problem=json.loads(r["problem"]), request_id=r["chain_id"])
-            for r in rows
-        ]
+        rows, requests = [], []
+        for work in batch.to_pylist():
+            messages, problem = json.loads(work["messages"]), json.loads(work["problem"])  # parsed once, k uses
+            for r in expand(work):
+                rows.append(r)
+                requests.append(GenRequest(messages=messages, sampling=dict(r["sampling"]), problem=problem,
+                                           request_id=r["chain_id"]))
         results = self.engine.generate(requests)
         if len(results) != len(rows):
             raise RuntimeError(f"engine returned {len(results)} results for {len(rows)} requests")
@@ -265,29 +281,29 @@ def _load_problems(cfg: GenerateConfig, ctx: Any, m: Manifest) -> list[dict[str,
     return unique[: cfg.limit] if cfg.limit else unique
 
 
-def _engine_batches(todo: pa.Table, cfg: GenerateConfig):
-    """Stream chain batches for the requests in `todo` from the configured engine."""
+def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
+    """Stream chain batches for the work rows in `todo` (`per_call` problems per worker call)."""
     if cfg.workers == 0:
         worker = GenerateWorker(cfg.engine.model_dump())
         try:
-            for i in range(0, todo.num_rows, cfg.batch_size):
-                yield worker(todo.slice(i, cfg.batch_size))
+            for i in range(0, todo.num_rows, per_call):
+                yield worker(todo.slice(i, per_call))
         finally:
             worker.close()
         return
     import ray
 
-    blocks = [todo.slice(i, cfg.batch_size) for i in range(0, todo.num_rows, cfg.batch_size)]
+    blocks = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
     ds = ray.data.from_arrow(blocks)
     if cfg.engine.kind == "vllm":
         from teachers.engines.vllm import vllm_processor
 
-        out = vllm_processor(cfg)(ds)
+        out = vllm_processor(cfg)(ds.flat_map(expand))  # ray.data.llm keeps outputs[0]: one row per sample
     else:
         out = ds.map_batches(
             GenerateWorker,
             fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
-            batch_size=cfg.batch_size,
+            batch_size=per_call,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=cfg.cpus_per_worker,
@@ -299,24 +315,33 @@ def _engine_batches(todo: pa.Table, cfg: GenerateConfig):
 
 def generate_rows(todo: list[dict[str, Any]], cfg: Any, cache: GenerationCache | None
                   ) -> Iterator[tuple[pa.Table, bool]]:
-    """(chain batch, came from the engine) for request rows: cache hits first, then engine results.
+    """(chain batch, came from the engine) for work rows: cache hits first, then engine results.
 
-    `cfg` is any config with engine, workers, batch_size, cpus_per_worker, gpus_per_worker. Successful
-    engine results are stored in the cache as they arrive.
+    `cfg` is any config with engine, workers, batch_size (requests per worker call), cpus_per_worker,
+    gpus_per_worker. Successful engine results are stored in the cache as they arrive.
     """
     identity = cfg.engine.cache_identity()
-    keys = {r["chain_id"]: cache_key(identity, r["messages"], r["sampling"]) for r in todo} if cache else {}
+    keys: dict[str, str] = {}
     misses, hits = [], []
-    for r in todo:
-        entry = cache.get(keys[r["chain_id"]]) if cache else None
-        if entry is None:
-            misses.append(r)
-        else:
-            hits.append(_chain_row(r, _result_from_cache(entry)))
+    for w in todo:
+        missing = []
+        for s in w["samples"]:
+            entry = None
+            if cache:
+                keys[s["chain_id"]] = key = cache_key(identity, w["messages"], s["sampling"])
+                entry = cache.get(key)
+            if entry is None:
+                missing.append(s)
+            else:
+                hits.append(_chain_row({**w, **s}, _result_from_cache(entry)))
+        if missing:
+            misses.append({**w, "samples": missing})
     if hits:
         yield pa.Table.from_pylist(hits, schema=WORKER_OUT), False
     if misses:
-        for batch in _engine_batches(pa.Table.from_pylist(misses, schema=REQUESTS), cfg):
+        k = max(len(w["samples"]) for w in misses)
+        per_call = max(1, cfg.batch_size // k)
+        for batch in _engine_batches(pa.Table.from_pylist(misses, schema=WORK), cfg, per_call):
             if cache:
                 _cache_put(cache, keys, batch)
             yield batch, True
@@ -347,14 +372,19 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
     if bad:
         writer.write(_strip(pa.Table.from_pylist(bad, schema=WORKER_OUT)))
         acct.errors.update(b["_error_kind"] for b in bad)
-    todo = [r for r in requests if r["chain_id"] not in done]
+    todo = []
+    for w in requests:
+        left = [s for s in w["samples"] if s["chain_id"] not in done]
+        if left:
+            todo.append({**w, "samples": left})
+    n_todo = sum(len(w["samples"]) for w in todo)
     conc = getattr(cfg.engine, "max_concurrency", 0)
     if cfg.workers and conc > cfg.batch_size:
         # A worker holds one batch at a time, so a batch smaller than the concurrency caps it.
         log.warning("generate: batch_size %d < engine.max_concurrency %d: at most %d requests in flight per worker",
                     cfg.batch_size, conc, cfg.batch_size)
     log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
-             expected, len(done), len(todo), cfg.engine.kind, cfg.engine.teacher_name())
+             expected, len(done), n_todo, cfg.engine.kind, cfg.engine.teacher_name())
     t0 = acct.t0 = time.perf_counter()
     cache = GenerationCache(_cache_dir(cfg, ctx)) if cfg.cache else None
     for batch, from_engine in generate_rows(todo, cfg, cache):
@@ -362,7 +392,7 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
         writer.write(_strip(batch))
         if from_engine:
             log.info("generate: %d/%d generated | %d completion tokens", acct.engine_requests,
-                     len(todo) - acct.cache_hits, acct.engine_completion_tokens)
+                     n_todo - acct.cache_hits, acct.engine_completion_tokens)
     acct.engine_s = time.perf_counter() - t0
     writer.close()
     _finish(m, ctx, acct, expected, len(done))

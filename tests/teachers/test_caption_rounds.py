@@ -15,7 +15,7 @@ from teachers.caption import CaptionConfig
 from teachers.caption import run as run_caption
 from teachers.devserver import DevServer
 from teachers.engines import OpenAIEngineConfig, ScriptedEngineConfig, VLLMEngineConfig
-from teachers.generate import GenerateConfig, build_requests, run
+from teachers.generate import GenerateConfig, build_requests, expand, run
 
 from .conftest import chains_by_id, make_ctx, synthetic_problems
 
@@ -75,7 +75,7 @@ def test_round_one_generates_only_the_retry_list(run_dir, problems12):
     chains = chains_by_id(run_dir / "generate-r1")
     assert {c["problem_id"] for c in chains.values()} == set(ids) and len(chains) == 15
     assert all(c["round"] == 1 for c in chains.values())
-    round0 = {c["chain_id"] for c in build_requests(problems12[:5], gen, 0, 0)[0]}
+    round0 = {s["chain_id"] for w in build_requests(problems12[:5], gen, 0, 0)[0] for s in w["samples"]}
     assert round0.isdisjoint(chains)  # new ids, hence new seeds, in a new round
 
     _write_retry(run_dir / "curate-r1", [])
@@ -95,7 +95,10 @@ def test_vllm_processor_plumbing_without_vllm():
     pc = processor_config(cfg)
     assert pc.engine_kwargs["tensor_parallel_size"] == 8 and pc.concurrency == 2 and pc.should_continue_on_error
     p = {**synthetic_problems(1)[0], "image_description": "a triangle"}
-    req = build_requests([p], cfg, 0, 0)[0][0]
+    work = build_requests([p], cfg, 0, 0)[0][0]
+    assert len(work["samples"]) == cfg.samples_per_problem
+    req = expand(work)[1]
+    assert req["sample_idx"] == 1 and req["messages"] == work["messages"]
     row = preprocess(req)
     assert row["sampling_params"]["seed"] == req["seed"] and row["messages"][0]["content"][0]["type"] == "text"
     out = postprocess({**row, "generated_text": "a b</think>The answer is 3", "num_generated_tokens": 4096,
