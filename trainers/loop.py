@@ -78,6 +78,7 @@ class LoopConfig(StageConfig):
     )
     log_every: int = Field(1, ge=1, description="log line every N steps")
     peak_tflops: float | None = Field(None, gt=0, description="MFU denominator override (TFLOP/s per device)")
+    compile: bool = Field(False, description="torch.compile each transformer block (regional; GPU)")
     tensorboard: bool = Field(True, description="TensorBoard event files in <out>/tb (rank 0)")
     export: bool = Field(True, description="save the consolidated model to <out>/model at the end")
 
@@ -236,7 +237,8 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
                 size = size[0] if isinstance(size, (list, tuple)) else size
                 blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
                 with torch.no_grad():  # before DeepSpeed wraps the model: how many tokens one image takes
-                    feats = base.get_image_features(pixel_values=blank, return_dict=True).pooler_output
+                    out = base.get_image_features(pixel_values=blank, return_dict=True)
+                feats = getattr(out, "pooler_output", out)  # transformers < 5 returns the features
                 if isinstance(feats, (list, tuple)):
                     feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
                 self.blank_tokens = int(feats.reshape(-1, feats.shape[-1]).shape[0])
@@ -454,8 +456,16 @@ def train_loop(
 
     if cfg.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=cfg.checkpoint_every)
+    elif cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        # transformers < 5: all layers or none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if cfg.compile:
+        # Regional compilation: identical blocks share one compiled graph, so it compiles in seconds.
+        for module in model.modules():
+            if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer")):
+                module.compile()
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     wrapped = make_loss_module(model, cfg.loss_chunk, cfg.zero_stage)
@@ -468,92 +478,96 @@ def train_loop(
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
-    ckpt_dir = out_dir / CKPT_DIR
-    position = load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
-    if position["seed"] != seed:
-        raise ValueError(f"{ckpt_dir}: checkpoint was written with seed {position['seed']}, run has seed {seed}")
-    step = position["step"]
+    # Destroyed even when a step fails (e.g. out of memory), so a retry in this process starts clean.
+    try:
+        ckpt_dir = out_dir / CKPT_DIR
+        position = load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
+        if position["seed"] != seed:
+            raise ValueError(f"{ckpt_dir}: checkpoint was written with seed {position['seed']}, run has seed {seed}")
+        step = position["step"]
 
-    writer = None
-    steps_log = out_dir / STEPS_LOG
-    records: list[dict] = []
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
-            records = [r for r in map(json.loads, steps_log.read_text().splitlines()) if r["step"] <= step]
-        steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
-
-    peak = peak_flops(cfg, device) * world
-    losses = [r["loss"] for r in records]
-    samples_seen = position.get("samples_seen", 0)
-    batches = _global_batches(n, cfg, world, rank, seed, position)
-    engine.train()
-    while step < steps_total:
-        epoch, next_index, mine, real = next(batches)
-        t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
-        local = torch.tensor([sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)], dtype=torch.float64)
-        dist.all_reduce(local)
-        n_labels, n_tokens = float(local[0]), float(local[1])
-        scale = cfg.grad_accum * world / max(n_labels, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for m in micro:
-            s = engine(_to(m, device))
-            engine.backward(s * scale)
-            engine.step()
-            loss_sum += float(s.detach())
-        dist.all_reduce(loss_sum)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        step += 1
-        samples_seen += real
-        loss = float(loss_sum) / max(n_labels, 1.0)
-        losses.append(loss)
-        seq = n_tokens / max(1, cfg.micro_batch * cfg.grad_accum * world)
-        tok_s = n_tokens / dt
-        mfu = tok_s * flops_per_token(model, int(seq)) / peak
-        gn = engine.get_global_grad_norm()
-        rec = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(gn) if gn is not None else float("nan"),
-            "tokens": int(n_tokens),
-            "tok_s": tok_s,
-            "mfu": mfu,
-            "step_s": dt,
-        }
+        writer = None
+        steps_log = out_dir / STEPS_LOG
+        records: list[dict] = []
         if rank == 0:
-            records.append(rec)
-            with open(steps_log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            for k in ("loss", "lr", "grad_norm", "tok_s", "mfu"):
-                if writer is not None:
-                    writer.add_scalar(f"train/{k}", rec[k], step)
-            if step % cfg.log_every == 0 or step == steps_total:
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.1e | tok/s %s | mfu %.4f",
-                    step, steps_total, loss, lr, f"{tok_s:,.0f}", mfu,
-                )
-        position = {"epoch": epoch, "index": next_index, "step": step, "seed": seed, "samples_seen": samples_seen}
-        if next_index >= n:
-            position.update(epoch=epoch + 1, index=0)
-        if cfg.save_every and step % cfg.save_every == 0 and step < steps_total:
-            save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
-        if on_step is not None:
-            on_step(step, rec)
-    if writer is not None:
-        writer.close()
-    model_dir = out_dir / "model" if cfg.export else None
-    if model_dir is not None:
-        export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
+                records = [r for r in map(json.loads, steps_log.read_text().splitlines()) if r["step"] <= step]
+            steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
+
+        peak = peak_flops(cfg, device) * world
+        losses = [r["loss"] for r in records]
+        samples_seen = position.get("samples_seen", 0)
+        batches = _global_batches(n, cfg, world, rank, seed, position)
+        engine.train()
+        while step < steps_total:
+            epoch, next_index, mine, real = next(batches)
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
+            local = torch.tensor([sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)], dtype=torch.float64)
+            dist.all_reduce(local)
+            n_labels, n_tokens = float(local[0]), float(local[1])
+            scale = cfg.grad_accum * world / max(n_labels, 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m in micro:
+                s = engine(_to(m, device))
+                engine.backward(s * scale)
+                engine.step()
+                loss_sum += float(s.detach())
+            dist.all_reduce(loss_sum)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            samples_seen += real
+            loss = float(loss_sum) / max(n_labels, 1.0)
+            losses.append(loss)
+            seq = n_tokens / max(1, cfg.micro_batch * cfg.grad_accum * world)
+            tok_s = n_tokens / dt
+            mfu = tok_s * flops_per_token(model, int(seq)) / peak
+            gn = engine.get_global_grad_norm()
+            rec = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(gn) if gn is not None else float("nan"),
+                "tokens": int(n_tokens),
+                "tok_s": tok_s,
+                "mfu": mfu,
+                "step_s": dt,
+            }
+            if rank == 0:
+                records.append(rec)
+                with open(steps_log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                for k in ("loss", "lr", "grad_norm", "tok_s", "mfu"):
+                    if writer is not None:
+                        writer.add_scalar(f"train/{k}", rec[k], step)
+                if step % cfg.log_every == 0 or step == steps_total:
+                    log.info(
+                        "step %d/%d | loss %.4f | lr %.1e | tok/s %s | mfu %.4f",
+                        step, steps_total, loss, lr, f"{tok_s:,.0f}", mfu,
+                    )
+            position = {"epoch": epoch, "index": next_index, "step": step, "seed": seed, "samples_seen": samples_seen}
+            if next_index >= n:
+                position.update(epoch=epoch + 1, index=0)
+            if cfg.save_every and step % cfg.save_every == 0 and step < steps_total:
+                save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
+            if on_step is not None:
+                on_step(step, rec)
+        if writer is not None:
+            writer.close()
+        model_dir = out_dir / "model" if cfg.export else None
+        if model_dir is not None:
+            export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
+    finally:
+        engine.destroy()
     tail = records[-min(len(records), 5):] if records else []
     metrics = {
         "steps": step,

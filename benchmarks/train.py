@@ -1,0 +1,312 @@
+"""Training throughput: our trainer (trainers.loop) vs a plain transformers + DeepSpeed ZeRO-2 loop.
+
+    python benchmarks/train.py                              # CPU smoke figure (tiny student, fp32, gloo)
+    python benchmarks/train.py --tiny --gpu --out b.json    # the GPU code path on a tiny shape
+    bash benchmarks/gpu_train.sh                            # one GPU: SigLIP-so400m + Qwen2-1.5B shape
+
+Both loops train the same random-init student (LLaVA layout: SigLIP-so400m-shaped encoder 384px ->
+2-layer MLP projector -> Qwen2-1.5B-shaped LLM, ~2.0B parameters; tiny: hidden 64) on the same samples
+(one image per sample, `--seq` tokens, loss on the text tokens), ZeRO-2, bf16 on GPU, micro-batch 1,
+the same gradient accumulation, in the same process, one after the other.
+
+- baseline: `model(input_ids, pixel_values, labels)` with transformers' own loss (full logits upcast to
+  fp32), gradient checkpointing on every layer, sdpa attention, fused AdamW passed to
+  `deepspeed.initialize`.
+- ours: `trainers.loop.train_loop`: chunked lm_head + cross-entropy (no full logits), and recompute only
+  where memory needs it: tried without recompute first, then every 2nd layer, then every layer (an
+  out-of-memory attempt is dropped and the next one runs); then the same with regional torch.compile
+  when time is left.
+
+Reported per variant: tokens/s and MFU (model FLOPs: 6 x parameters + 12 x layers x hidden x seq per
+token — vision parameters counted per text token, recompute not counted — over the card's dense bf16
+peak), median over the steps after warm-up, peak memory, and the ratio to the baseline. On CPU the MFU
+uses a nominal 1 TFLOP/s peak: a smoke figure only.
+Imports nothing from ray, polars or math-verify (the GPU box has none of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench.train")
+
+SHAPES = {
+    # SigLIP-so400m-patch14-384 and Qwen2-1.5B dimensions
+    "full": {
+        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=384, patch_size=14),
+        "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                     tie_word_embeddings=True),
+        "seq": 8192,
+    },
+    "tiny": {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False),
+        "seq": 512,
+    },
+}
+
+
+def build_student(shape: dict, device, dtype):
+    """A random-init LLaVA-layout student, built directly on `device` in `dtype`."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(**shape["text"])
+    cfg = LlavaConfig(
+        vision_config=SiglipVisionConfig(**shape["vision"]),
+        text_config=text,
+        image_token_id=text.vocab_size - 1,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    if next(model.parameters()).dtype != dtype:  # transformers < 4.56 spells it torch_dtype
+        model = model.to(dtype)
+    return model
+
+
+class Samples:
+    """`n` samples: a few prompt tokens, one image's placeholder tokens, then text with loss."""
+
+    def __init__(self, shape: dict, n: int, seed: int = 0) -> None:
+        import torch
+
+        v, t = shape["vision"], shape["text"]
+        self.image_tokens = (v["image_size"] // v["patch_size"]) ** 2
+        self.image_id = t["vocab_size"] - 1
+        g = torch.Generator().manual_seed(seed)
+        seq = shape["seq"]
+        self.items = []
+        for _ in range(n):
+            ids = torch.randint(0, t["vocab_size"] - 2, (seq,), generator=g)
+            ids[8 : 8 + self.image_tokens] = self.image_id
+            labels = ids.clone()
+            labels[: 8 + self.image_tokens] = -100
+            pix = torch.randn(1, 3, v["image_size"], v["image_size"], generator=g)
+            self.items.append({"input_ids": ids, "labels": labels, "pixel_values": pix})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        import torch
+
+        return {
+            "input_ids": torch.stack([x["input_ids"] for x in items]),
+            "labels": torch.stack([x["labels"] for x in items]),
+            "pixel_values": torch.cat([x["pixel_values"] for x in items]),
+        }
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
+    """The plain loop: transformers loss, full recompute, sdpa, fused AdamW, DeepSpeed ZeRO-2."""
+    import deepspeed
+    import torch
+
+    from trainers.loop import LoopConfig, flops_per_token, init_distributed, peak_flops
+
+    init_distributed()
+    model = build_student(shape, device, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=device.type == "cuda")
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    engine.train()
+    fpt = flops_per_token(model, shape["seq"])
+    peak = peak_flops(LoopConfig(), device)
+    times, k = [], 0
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.grad_accum):
+            b = {key: v.to(device) for key, v in data.collate([data[k % len(data)]]).items()}
+            b["pixel_values"] = b["pixel_values"].to(dtype)
+            k += 1
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+        float(loss)  # a sync point, like our loop's loss read-back
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    engine.destroy()
+    del engine, model, opt
+    tokens = shape["seq"] * args.grad_accum
+    tok_s = tokens / statistics.median(times)
+    return {"tok_s": tok_s, "mfu": tok_s * fpt / peak, "step_s": statistics.median(times), "peak_gb": _peak_gb()}
+
+
+def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, compile_: bool) -> dict:
+    """trainers.loop.train_loop; recompute 0 = none, k = every k-th layer."""
+    from trainers.loop import LoopConfig, LoopData, train_loop
+
+    model = build_student(shape, device, dtype)
+    cfg = LoopConfig(
+        zero_stage=2, precision="bf16" if device.type == "cuda" else "fp32", lr=1e-5, warmup_ratio=0.0,
+        micro_batch=1, grad_accum=args.grad_accum, max_steps=args.warmup + args.steps, save_every=0,
+        gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
+        loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=compile_, log_every=5,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train_loop(model, LoopData(data, Samples.collate), cfg, Path(tmp), seed=0)
+    del model
+    recs = res.records[args.warmup:]
+    return {
+        "tok_s": statistics.median(r["tok_s"] for r in recs),
+        "mfu": statistics.median(r["mfu"] for r in recs),
+        "step_s": statistics.median(r["step_s"] for r in recs),
+        "peak_gb": _peak_gb(),
+        "recompute_every": recompute,
+        "compile": compile_,
+        "final_loss": res.losses[-1],
+    }
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, the full ~2B shape (unless --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape (hidden 64) on any device")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default: 8192 full, 512 tiny)")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 15 GPU, 6 CPU)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--budget-s", type=float, default=270.0, help="skip the compile variant past this")
+    ap.add_argument("--compile", action="store_true", help="also run the compiled variant off GPU (it always does on GPU)")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s | %(message)s", datefmt="%H:%M:%S")
+    t_start = time.time()
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device")
+    device = torch.device("cuda") if args.gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    shape = dict(SHAPES["tiny" if (args.tiny or not args.gpu) else "full"])
+    if args.seq:
+        shape["seq"] = args.seq
+    args.steps = args.steps or (15 if args.gpu else 6)
+    data = Samples(shape, n=max(4, args.grad_accum * 2))
+    out: dict = {
+        "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+        "shape": "tiny" if (args.tiny or not args.gpu) else "siglip-so400m-384 + qwen2-1.5b",
+        "seq": shape["seq"], "grad_accum": args.grad_accum, "steps": args.steps, "dtype": str(dtype),
+        "torch": torch.__version__,
+    }
+    probe = build_student(shape, "meta", dtype)
+    out["params"] = sum(p.numel() for p in probe.parameters())
+    del probe
+    log.info("shape %s: %.3fB parameters, seq %d, %s on %s", out["shape"], out["params"] / 1e9, shape["seq"],
+             dtype, out["device"])
+
+    out["baseline"] = run_baseline(shape, data, args, device, dtype)
+    log.info("baseline: %s", out["baseline"])
+    _free()
+    attempts = [0, 2, 1] if args.gpu and not args.tiny else [0]
+    ours = None
+    for every in attempts:
+        try:
+            ours = run_ours(shape, data, args, device, dtype, every, compile_=False)
+        except Exception as e:  # noqa: BLE001 - out of memory: recompute more and try again; else re-raise
+            if not _is_oom(e):
+                raise
+            log.warning("ours with recompute_every=%d: out of memory (%s); trying more recompute", every, str(e)[:200])
+            out.setdefault("oom", []).append(every)
+        _free()  # outside the except block: the exception's frames (activations) are gone by now
+        if ours is not None:
+            break
+    if ours is None:
+        raise SystemExit("ours: out of memory at every recompute setting")
+    out["ours"] = ours
+    log.info("ours: %s", ours)
+    _free()
+    _write(args.out, out, base_ratio=True)  # the main figures survive a timeout in the optional variant
+    if (args.gpu or args.compile) and time.time() - t_start < args.budget_s:
+        try:
+            out["ours_compiled"] = run_ours(shape, data, args, device, dtype, ours["recompute_every"], compile_=True)
+            log.info("ours + compile: %s", out["ours_compiled"])
+        except Exception as e:  # noqa: BLE001 - the compiled variant is optional; its failure is reported
+            kind = "out of memory" if _is_oom(e) else type(e).__name__
+            out["ours_compiled"] = {"error": f"{kind}: {str(e)[:300]}"}
+            log.warning("ours + compile failed: %s", out["ours_compiled"]["error"])
+    base = out["baseline"]["tok_s"]
+    if "tok_s" in out.get("ours_compiled", {}):
+        out["ratio_tok_s_compiled"] = out["ours_compiled"]["tok_s"] / base
+    out["wall_s"] = round(time.time() - t_start, 1)
+    summary = (
+        f"train bench ({out['device']}, {out['shape']}, seq {shape['seq']}): "
+        f"baseline {base:,.0f} tok/s mfu {out['baseline']['mfu']:.3f} | "
+        f"ours {out['ours']['tok_s']:,.0f} tok/s mfu {out['ours']['mfu']:.3f} "
+        f"(recompute_every={out['ours']['recompute_every']}) | ratio {out['ratio_tok_s']:.2f}x"
+    )
+    if "ratio_tok_s_compiled" in out:
+        summary += f" | compiled {out['ours_compiled']['tok_s']:,.0f} tok/s mfu {out['ours_compiled']['mfu']:.3f}"
+    print(summary, flush=True)
+    _write(args.out, out, base_ratio=True)
+    return out
+
+
+def _write(path: Path | None, out: dict, base_ratio: bool) -> None:
+    if base_ratio:
+        out["ratio_tok_s"] = out["ours"]["tok_s"] / out["baseline"]["tok_s"]
+        out["ratio_mfu"] = out["ours"]["mfu"] / out["baseline"]["mfu"]
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
