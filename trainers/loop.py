@@ -122,21 +122,16 @@ def init_distributed() -> tuple[int, int, Any]:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", "0")
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)  # before NCCL starts, so its communicator binds this GPU
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def deepspeed_config(cfg: LoopConfig, world: int, bf16: bool) -> dict:
@@ -509,16 +504,18 @@ def train_loop(
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
-            local = torch.tensor([sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)], dtype=torch.float64)
+            # On the device: NCCL reduces CUDA tensors only (gloo takes either).
+            counts = [sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)]
+            local = torch.tensor(counts, dtype=torch.float64, device=device)
             dist.all_reduce(local)
-            n_labels, n_tokens = float(local[0]), float(local[1])
+            n_labels, n_tokens = (float(x) for x in local.tolist())
             scale = cfg.grad_accum * world / max(n_labels, 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m in micro:
                 s = engine(_to(m, device))
                 engine.backward(s * scale)
                 engine.step()
-                loss_sum += float(s.detach())
+                loss_sum += s.detach().double()  # read back once per step: no sync per micro-batch
             dist.all_reduce(loss_sum)
             if device.type == "cuda":
                 torch.cuda.synchronize()
