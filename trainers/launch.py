@@ -107,6 +107,12 @@ def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: b
     """Run `spec` with the chosen launcher; returns rank 0's result summary."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"train.launcher={launcher!r}: expected one of {LAUNCHERS}")
+    # Absolute paths: torchrun ranks start in the repo and Ray Train workers in their own directory.
+    spec = spec.model_copy(update={
+        "model_dir": str(Path(spec.model_dir).resolve()),
+        "sft_dirs": [str(Path(d).resolve()) for d in spec.sft_dirs],
+        "out_dir": str(Path(spec.out_dir).resolve()),
+    })
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "worker_spec.json"
