@@ -7,8 +7,9 @@
 hf (CPU): a small random Qwen2 (hidden 256, 4 layers; tokenizer trained on the fly) saved and loaded
 with from_pretrained. Bare: build the engine, call `engine.generate` over the same requests in
 batches. Stage: the whole generate stage (`run(cfg, ctx)`: requests, Ray Data actor pool of one
-worker, shard writing, manifest), cache off. Both include loading the model; completion tokens/s
-and the ratio stage/bare are printed.
+1-CPU worker, shard writing, manifest), cache off; one torch thread on both sides. Interleaved
+repeats, best of each. Printed: end-to-end tokens/s (model load and, for the stage, worker
+start-up included) and steady tokens/s after the first batch, with the ratios stage/bare.
 
 openai: the dev server (teachers/devserver.py) in a subprocess with 10 ms latency per request; the
 engine sends N requests at concurrency 1, 16 and 64; requests/s for each.
@@ -69,11 +70,17 @@ def bench_hf_cpu(args: argparse.Namespace) -> dict:
     write_problems(tmp / "problems", problems)
     engine_cfg = HFEngineConfig(model=str(model), text_only=True, batch_size=args.batch_size)
     cfg = GenerateConfig(engine=engine_cfg, samples_per_problem=args.k, max_tokens=args.max_tokens,
-                         temperature=0.8, workers=1, cpus_per_worker=2, batch_size=args.batch_size,
+                         temperature=0.8, workers=1, cpus_per_worker=1, batch_size=args.batch_size,
                          flush_rows=64, cache=False)
     work, _ = build_requests(problems, cfg, 0, 0)
     reqs = [r for w in work for r in expand(w)]
     gen_reqs = [GenRequest(messages=json.loads(r["messages"]), sampling=r["sampling"], problem=None) for r in reqs]
+
+    # One intra-op thread on both sides (Ray gives a 1-CPU actor OMP_NUM_THREADS=1): on a shared 2-core
+    # box, two spinning OpenMP threads stall for seconds whenever another process takes a core.
+    import torch
+
+    torch.set_num_threads(1)
 
     def bare() -> dict:
         t0 = time.perf_counter()
@@ -254,8 +261,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; best of each side")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gpu-requests", type=int, default=32)
     ap.add_argument("--gpu-batch", type=int, default=32)
     ap.add_argument("--gpu-completion", type=int, default=2048)
