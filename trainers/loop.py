@@ -230,7 +230,8 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
             if vcfg is not None and token is not None and hasattr(base, "get_image_features"):
                 size = getattr(vcfg, "image_size", 224)
                 size = size[0] if isinstance(size, (list, tuple)) else size
-                blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
+                p0 = next(model.parameters())  # the model may already sit on its GPU
+                blank = torch.zeros(1, 3, size, size, dtype=p0.dtype, device=p0.device)
                 with torch.no_grad():  # before DeepSpeed wraps the model: how many tokens one image takes
                     out = base.get_image_features(pixel_values=blank, return_dict=True)
                 feats = getattr(out, "pooler_output", out)  # transformers < 5 returns the features
