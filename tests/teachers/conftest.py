@@ -120,3 +120,15 @@ def build_tiny_chat_model(directory: Path, seed: int = 0, hidden: int = 64, laye
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for in-process generation: two spinning OpenMP threads on a shared 2-core
+    box stall for seconds whenever another process takes a core. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -132,7 +132,7 @@ def test_row_sampler_applies_each_rows_penalty():
     assert forced.argmax().item() == 2 and torch.isinf(forced[0, 0])
 
 
-def test_hf_rows_do_not_depend_on_batch_neighbours(tiny_chat_model):
+def test_hf_rows_do_not_depend_on_batch_neighbours(tiny_chat_model, one_torch_thread):
     eng = make_engine(HFEngineConfig(model=str(tiny_chat_model), text_only=True, batch_size=4))
     problems = [{**p, "images": None} for p in synthetic_problems(5)]
     reqs = [GenRequest(messages=render_messages(p, PromptConfig(), True),

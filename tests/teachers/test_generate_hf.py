@@ -18,7 +18,7 @@ def _hf_cfg(model, **kw) -> GenerateConfig:
     return GenerateConfig(**{**base, **kw})
 
 
-def test_hf_actor_pool_k_samples_ids_tokens_and_row_penalty(ray_local, run_dir, tiny_chat_model):
+def test_hf_actor_pool_k_samples_ids_tokens_and_row_penalty(ray_local, run_dir, tiny_chat_model, one_torch_thread):
     problems = [{**p, "images": None, "needs_image": False} for p in synthetic_problems(6)]
     for i, p in enumerate(problems):  # as assess writes them: a per-row penalty and budget for some rows
         p["repetition_penalty"] = 1.0 + 0.25 * i if i % 2 == 0 else None

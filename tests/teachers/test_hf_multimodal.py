@@ -21,7 +21,7 @@ def student_dir(tmp_path_factory):
     return assemble_student(AssembleConfig(vision_path=str(ck["vision"]), llm_path=str(ck["llm"])), d / "llava")
 
 
-def test_hf_multimodal_engine_feeds_images_through_the_processor(student_dir):
+def test_hf_multimodal_engine_feeds_images_through_the_processor(student_dir, one_torch_thread):
     eng = make_engine(HFEngineConfig(model=str(student_dir), multimodal=True, batch_size=3))
     p = synthetic_problems(1)[0]
     one = render_messages(p, PromptConfig(), text_only=False)
