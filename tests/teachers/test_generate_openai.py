@@ -58,6 +58,7 @@ def test_exhausted_retries_are_counted_errors_not_lost_rows(run_dir, problems12)
         cfg = _cfg(srv.url, workers=0, samples_per_problem=2)
         cfg.engine.max_retries = 0
         cfg.engine.max_concurrency = 1
+        cfg.engine.timeout_s = 30.0  # only the injected 500s may fail, never a slow machine
         m = run(cfg, make_ctx(run_dir))
     m.check_counts()
     chains = chains_by_id(run_dir / "generate")
@@ -71,6 +72,7 @@ def test_exhausted_retries_are_counted_errors_not_lost_rows(run_dir, problems12)
 def test_reasoning_content_and_cache_rerun_makes_no_request(run_dir, problems12):
     with DevServer(ServerConfig(reasoning_content=True)) as srv:
         cfg = _cfg(srv.url, workers=0)
+        cfg.engine.timeout_s = 30.0  # request counts below are exact: no timeout retries
         first = run(cfg, make_ctx(run_dir))
         n_first = srv.stats.requests
         before = chains_by_id(run_dir / "generate")
