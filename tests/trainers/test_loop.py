@@ -163,6 +163,9 @@ def test_epoch_order_is_a_seeded_permutation():
     assert epoch_order(10, 3, 1) != a
 
 
+MID_EPOCH_N = 14
+
+
 def _killed_run(model_dir: str, out: str, kill_at: int) -> None:
     """Child process: train with checkpoints every 3 steps and SIGKILL itself after step `kill_at`."""
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -172,18 +175,26 @@ def _killed_run(model_dir: str, out: str, kill_at: int) -> None:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_loop(_model(Path(model_dir)), _data(Path(model_dir)), _cfg(save_every=3), Path(out), seed=5, on_step=on_step)
+    data = _data(Path(model_dir), MID_EPOCH_N)
+    train_loop(_model(Path(model_dir)), data, _cfg(save_every=3), Path(out), seed=5, on_step=on_step)
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
-    full = train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(save_every=3), tmp_path / "full", seed=5)
+    import torch
+
+    # 14 samples, 4 per step: epochs end after steps 4, 8, 12 (each with a 2-sample filler-padded step),
+    # so the checkpoint at step 6 sits mid-epoch (epoch 1, sample 8).
+    full = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3), tmp_path / "full", seed=5)
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_killed_run, args=(str(tiny_lm), str(tmp_path / "cut"), 8))
     p.start()
     p.join(300)
     assert p.exitcode == -signal.SIGKILL
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
-    resumed = train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(save_every=3), tmp_path / "cut", seed=5)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000006" / "mp_rank_00_model_states.pt",
+                      weights_only=False)
+    assert ckpt["position"]["epoch"] == 1 and ckpt["position"]["index"] == 8
+    resumed = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3), tmp_path / "cut", seed=5)
     assert resumed.steps == 12 and len(resumed.losses) == 12
     for i, (a, b) in enumerate(zip(full.losses, resumed.losses, strict=True)):
         assert abs(a - b) < 1e-6, f"step {i + 1}: {a} vs {b}"
