@@ -94,6 +94,12 @@ class GenerateConfig(StageConfig):
     use_row_sampling: bool = Field(
         True, description="take repetition_penalty / max_tokens / temperature / top_p from the problem row if set"
     )
+    penalty_scale: float = Field(
+        1.0, ge=0, le=1,
+        description="shrinks a row's assessed penalty toward 1: P' = 1 + (P - 1) * scale (later rounds give "
+        "unsolved problems room for longer chains)",
+    )
+    budget_scale: float = Field(1.0, gt=0, description="multiplies a row's assessed max_tokens budget")
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     workers: int = Field(1, ge=0, description="engine actors (one engine each); 0 = in-process, no Ray")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -123,6 +129,11 @@ def _sampling(cfg: GenerateConfig, problem: dict[str, Any], seed: int) -> dict[s
             else:
                 # An unusable per-row value falls back to the config's, never fails the run.
                 log.warning("generate: problem %s: ignoring %s=%r", problem.get("problem_id"), key, v)
+                continue
+            if key == "repetition_penalty":
+                s[key] = 1.0 + (s[key] - 1.0) * cfg.penalty_scale
+            elif key == "max_tokens":
+                s[key] = max(1, int(round(s[key] * cfg.budget_scale)))
     return s
 
 
