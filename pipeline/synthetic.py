@@ -121,17 +121,17 @@ def _bar_chart(rng: random.Random, level: int, text_only: bool) -> dict[str, Any
     im, d = _canvas()
     f = _font(12)
     bw = 240 // len(names)
-    for i, (n, v) in enumerate(zip(names, vals)):
+    for i, (n, v) in enumerate(zip(names, vals, strict=True)):
         x = 40 + i * bw
         top = 200 - v * 8
         d.rectangle([x + 6, top, x + bw - 6, 200], fill=(70, 130, 180), outline="black")
         d.text((x + 8, top - 16), str(v), fill="black", font=f)
         d.text((x + 6, 206), n, fill="black", font=f)
     d.line([(36, 200), (300, 200)], fill="black", width=2)
-    table = (" The values are " + ", ".join(f"{n}: {v}" for n, v in zip(names, vals)) + ".") if text_only else ""
+    table = (" The values are " + ", ".join(f"{n}: {v}" for n, v in zip(names, vals, strict=True)) + ".") if text_only else ""
     if level == 1:
         letters = "ABCDE"[: len(names)]
-        opts = "\n".join(f"({L}) {n}" for L, n in zip(letters, names))
+        opts = "\n".join(f"({L}) {n}" for L, n in zip(letters, names, strict=True))
         best = letters[vals.index(max(vals))]
         q = f"Which fruit has the largest count in the bar chart?{table}\nChoices:\n{opts}"
         return {"question": q, "answer": best, "answer_type": "choice", "choices": list(names), "image": im}
