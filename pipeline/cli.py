@@ -35,18 +35,26 @@ def _preflight(cfg) -> list[str]:
     return problems
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _checked_config(args: argparse.Namespace):
+    """The validated config plus preflight checks (missing inputs), or None after printing the problems."""
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(e, file=sys.stderr)
-        return 1
+        return None
     problems = _preflight(cfg)
     if problems:
         print(ConfigError(args.config, problems), file=sys.stderr)
-        return 1
+        return None
+    return cfg
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
+    cfg = _checked_config(args)
+    if cfg is None:
+        return 1
     steps = Runner(cfg).steps
     print(f"{args.config}: OK ({len(steps)} steps: {', '.join(s.name for s in steps)})")
     return 0
@@ -55,14 +63,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 1
-    problems = _preflight(cfg)
-    if problems:
-        print(ConfigError(args.config, problems), file=sys.stderr)
+    cfg = _checked_config(args)
+    if cfg is None:
         return 1
     runner = Runner(cfg)
     try:
