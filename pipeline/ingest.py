@@ -83,7 +83,7 @@ class IngestConfig(StageConfig):
         description="how images are checked: container structure and end markers (fast), a reduced-size "
         "pixel decode, or a full decode (pipeline.images.image_record)",
     )
-    image_threads: int = Field(4, ge=1, description="threads checking images (PIL releases the GIL)")
+    image_threads: int = Field(2, ge=1, description="threads reading and checking images (I/O, PIL and hashing release the GIL)")
     rows_per_shard: int = Field(5000, ge=1)
 
 
