@@ -103,13 +103,13 @@ def _rows(cfg: ChainsSourceConfig) -> Any:
 
 def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
     """A problems row through ingest's own normalisation, so problem ids agree with an ingest source."""
-    from pipeline.ingest import ColumnMap, SourceConfig, _to_problem
+    from pipeline.ingest import ColumnMap, SourceConfig, to_problem
 
     c = cfg.columns
     cmap = ColumnMap(id=c.id, question=c.question, answer=c.answer, images=c.images, choices=c.choices,
                      answer_type=c.answer_type, subject=None, difficulty=None)
     src = SourceConfig(kind="jsonl", path=cfg.path, name=cfg.label(), columns=cmap)
-    return _to_problem(row, src, ref, Path(cfg.path).parent, cfg.image_check)
+    return to_problem(row, src, ref, Path(cfg.path).parent, cfg.image_check)
 
 
 def _completion(trace: str, starts_in_think: bool) -> str:
@@ -121,7 +121,7 @@ def _completion(trace: str, starts_in_think: bool) -> str:
 
 def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
     """Chains and the problems they imply from an external file; bad rows are counted by reason."""
-    from pipeline.ingest import _Bad
+    from pipeline.ingest import RowError
 
     chains, problems, seen = [], {}, set()
     quarantined: dict[str, int] = {}
@@ -145,7 +145,7 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
             continue
         try:
             prob = _problem(row, cfg, ref)
-        except _Bad as e:
+        except RowError as e:
             bad(e.reason, ref, e.error)
             continue
         problems.setdefault(prob["problem_id"], prob)

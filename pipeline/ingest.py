@@ -189,13 +189,15 @@ def _choice_fields(answer: str, choices: list[str] | None, answer_text: str | No
 # ---------------------------------------------------------------- readers
 
 
-class _Bad(Exception):
+class RowError(Exception):
+    """One row that cannot become a problem: `reason` is the counted quarantine reason."""
+
     def __init__(self, reason: str, error: str) -> None:
         super().__init__(error)
         self.reason, self.error = reason, error
 
 
-def _iter_jsonl(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+def _iter_jsonl(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     path = Path(src.path)
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
@@ -205,15 +207,15 @@ def _iter_jsonl(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield ref, _Bad("bad_json", f"{ref}: not valid JSON ({e.msg} at column {e.colno})")
+                yield ref, RowError("bad_json", f"{ref}: not valid JSON ({e.msg} at column {e.colno})")
                 continue
             if not isinstance(row, dict):
-                yield ref, _Bad("bad_json", f"{ref}: a JSON object per line is required, got {type(row).__name__}")
+                yield ref, RowError("bad_json", f"{ref}: a JSON object per line is required, got {type(row).__name__}")
                 continue
             yield ref, row
 
 
-def _iter_parquet(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+def _iter_parquet(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     import pyarrow.parquet as pq
 
     p = Path(src.path)
@@ -226,7 +228,7 @@ def _iter_parquet(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
                 i += 1
 
 
-def _iter_hf(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+def _iter_hf(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     import datasets
 
     ds = datasets.load_from_disk(src.path)
@@ -244,7 +246,7 @@ def _iter_hf(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
         yield f"{src.path}#{i}", row
 
 
-def _iter_synthetic(src: SourceConfig) -> Iterator[tuple[str, dict | _Bad]]:
+def _iter_synthetic(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     from pipeline.synthetic import KINDS, make_problem
 
     sc = src.synthetic or SyntheticConfig()
@@ -276,19 +278,19 @@ def _load_images(value: Any, base: Path | None, ref: str, check: str) -> list[di
         else:
             path = item.get("path") if isinstance(item, dict) else item
             if not path:
-                raise _Bad("missing_image", f"{where}: no image bytes or path")
+                raise RowError("missing_image", f"{where}: no image bytes or path")
             p = Path(path)
             if not p.is_absolute() and base is not None:
                 p = base / p
             try:
                 data = p.read_bytes()
             except OSError as e:
-                raise _Bad("missing_image", f"{where}: cannot read {p}: {e.strerror}") from e
+                raise RowError("missing_image", f"{where}: cannot read {p}: {e.strerror}") from e
             where = f"{where} ({p})"
         try:
             out.append(image_record(data, where, check))
         except ImageError as e:
-            raise _Bad("corrupt_image", str(e)) from e
+            raise RowError("corrupt_image", str(e)) from e
     return out
 
 
@@ -296,14 +298,18 @@ def _get(row: dict, key: str | None) -> Any:
     return row.get(key) if key else None
 
 
-def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check: str) -> dict:
+def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check: str = "structure") -> dict:
+    """One source row as a `problems` row (stable problem_id); raises RowError with the reason.
+
+    Public so that other readers of raw rows (external chains) give the same ids as ingest.
+    """
     c = src.columns
     question = _get(row, c.question)
     if not isinstance(question, str) or not question.strip():
-        raise _Bad("missing_question", f"{ref}: no question in column {c.question!r}")
+        raise RowError("missing_question", f"{ref}: no question in column {c.question!r}")
     answer = normalise_answer(_get(row, c.answer))
     if answer is None:
-        raise _Bad("missing_answer", f"{ref}: no answer in column {c.answer!r}")
+        raise RowError("missing_answer", f"{ref}: no answer in column {c.answer!r}")
     choices = normalise_choices(_get(row, c.choices))
     answer, answer_text = _choice_fields(answer, choices, _get(row, c.answer_text))
     images = _load_images(_get(row, c.images), base, ref, check)
@@ -334,7 +340,7 @@ def _to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check
     }
 
 
-def _quarantine_row(src: SourceConfig, ref: str, bad: _Bad, row: dict | None) -> dict:
+def _quarantine_row(src: SourceConfig, ref: str, bad: RowError, row: dict | None) -> dict:
     def _jsonable(v: Any) -> Any:
         return f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else v
 
@@ -348,11 +354,11 @@ def _process_chunk(chunk: list, src: SourceConfig, base: Path | None, check: str
     out = []
     for ref, raw in chunk:
         try:
-            if isinstance(raw, _Bad):
+            if isinstance(raw, RowError):
                 raise raw
-            out.append(("ok", _to_problem(raw, src, ref, base, check)))
-        except _Bad as bad:
-            out.append(("quarantine", _quarantine_row(src, ref, bad, None if isinstance(raw, _Bad) else raw)))
+            out.append(("ok", to_problem(raw, src, ref, base, check)))
+        except RowError as bad:
+            out.append(("quarantine", _quarantine_row(src, ref, bad, None if isinstance(raw, RowError) else raw)))
     return out
 
 
