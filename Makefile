@@ -34,8 +34,11 @@ test-all: venv
 
 bench: venv
 	$(BIN)/python benchmarks/ingest.py
-	$(BIN)/python benchmarks/filter.py
+	$(BIN)/python benchmarks/decontaminate.py
+	$(BIN)/python benchmarks/assess.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/filter.py
+	$(BIN)/python benchmarks/sft_data.py
 	$(BIN)/python benchmarks/train.py
 
 lint: venv
