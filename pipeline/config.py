@@ -184,4 +184,5 @@ def stage_config_for_round(cfg: Any, stage: str, round_: int) -> Any:
 
 
 def dump_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # explicit nulls stay: a None that overrides a non-None default must survive a reload
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -38,7 +38,7 @@ def image_record(data: bytes, where: str = "", check: str = "structure") -> dict
                 if check == "draft" and fmt == "jpeg":
                     im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 im.load()  # verify() misses damaged pixel data; load() decodes it
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, ImageError):
             raise
         raise ImageError(f"{where}: not a readable image ({e})") from e

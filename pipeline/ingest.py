@@ -240,7 +240,7 @@ def _iter_hf(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     for col, feat in ds.features.items():
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
-        elif isinstance(feat, datasets.Sequence | datasets.List) and isinstance(getattr(feat, "feature", None), datasets.Image):
+        elif isinstance(feat, (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))) and isinstance(getattr(feat, "feature", None), datasets.Image):
             ds = ds.cast_column(col, datasets.Sequence(datasets.Image(decode=False)))
     for i, row in enumerate(ds):
         yield f"{src.path}#{i}", row
@@ -277,6 +277,8 @@ def _load_images(value: Any, base: Path | None, ref: str, check: str) -> list[di
             data = bytes(item)
         else:
             path = item.get("path") if isinstance(item, dict) else item
+            if not isinstance(path, (str, Path)):
+                raise RowError("missing_image", f"{where}: expected an image path, bytes or {{bytes, path}}, got {type(path).__name__}")
             if not path:
                 raise RowError("missing_image", f"{where}: no image bytes or path")
             p = Path(path)
@@ -359,6 +361,9 @@ def _process_chunk(chunk: list, src: SourceConfig, base: Path | None, check: str
             out.append(("ok", to_problem(raw, src, ref, base, check)))
         except RowError as bad:
             out.append(("quarantine", _quarantine_row(src, ref, bad, None if isinstance(raw, RowError) else raw)))
+        except Exception as e:  # noqa: BLE001 - one malformed row is quarantined, never the end of the run
+            bad = RowError("bad_row", f"{ref}: {type(e).__name__}: {e}")
+            out.append(("quarantine", _quarantine_row(src, ref, bad, raw if isinstance(raw, dict) else None)))
     return out
 
 

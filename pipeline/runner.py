@@ -142,10 +142,11 @@ class Runner:
         if step.name not in self._fp:
             mod = STAGES[step.stage].load()
             scfg = self.stage_config(step)
-            data = scfg.model_dump(mode="json")
+            # run.seed feeds every stage's derived seeds (ctx.seed), so it is part of every fingerprint
+            data = {"config": scfg.model_dump(mode="json"), "run_seed": self.cfg.run.seed}
             extra = getattr(mod, "fingerprint_extra", None)
             if extra is not None:
-                data = {"config": data, "extra": extra(scfg)}
+                data["extra"] = extra(scfg)
             ups = {u: self.fingerprint(self.by_name[u]) for u in self.upstream(step)}
             self._fp[step.name] = fingerprint(step.stage, step.name, data, ups, getattr(mod, "TABLES", ()))
         return self._fp[step.name]

@@ -180,3 +180,24 @@ def test_synthetic_is_deterministic(tmp_path):
     assert levels == {1, 2, 3}
     needs = [make_problem(0, i)["needs_image"] for i in range(60)]
     assert 0 < sum(needs) < 60
+
+
+def test_malformed_rows_and_decompression_bombs_are_quarantined(tmp_path, ray_local):
+    from PIL import Image
+
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.new("1", (15000, 15000)).save(d / "bomb.png")
+    path = write_jsonl(d / "p.jsonl", [
+        {"question": "ok", "answer": "1"},
+        {"question": "choices not a list", "answer": "A", "choices": 5},
+        {"question": "image is a number", "answer": "1", "images": [5]},
+        {"question": "bomb", "answer": "1", "images": "bomb.png"},
+    ])
+    cfg = write_config(tmp_path, {"ingest": {"sources": [{"kind": "jsonl", "path": str(path)}]}})
+    runner, res = run_config(cfg)
+    m = res["ingest"]
+    assert (m.rows_in, m.kept) == (4, 1)
+    assert m.quarantined == {"bad_row": 1, "missing_image": 1, "corrupt_image": 1}
+    errors = {q["reason"]: q["error"] for q in read_rows(runner.run_dir / "ingest" / "quarantine")}
+    assert f"{path}:2" in errors["bad_row"] and "bomb.png" in errors["corrupt_image"]
