@@ -118,10 +118,12 @@ def _texts(row: dict, starts_in_think: bool) -> tuple[str, str, bool]:
 
 
 def _budget(row: dict) -> int | None:
-    if row.get("_budget"):
-        return int(row["_budget"])
+    """The token budget the chain was generated under (a later round may widen the assessed one with
+    generate.budget_scale), else the problem's assessed budget (external chains carry no sampling)."""
     sampling = row.get("sampling") or {}
-    return int(sampling["max_tokens"]) if sampling.get("max_tokens") else None
+    if sampling.get("max_tokens"):
+        return int(sampling["max_tokens"])
+    return int(row["_budget"]) if row.get("_budget") else None
 
 
 def score_batch(rows: list[dict], cfg: FilterConfig, pool: Any, scorer: Scorer | None = None) -> list[dict]:
