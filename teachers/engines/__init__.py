@@ -76,7 +76,7 @@ class HFEngineConfig(EngineBase):
     attn_implementation: str | None = Field(None, description="e.g. sdpa, flash_attention_2 (default: transformers')")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "dtype": self.dtype}
+        return {**super().cache_identity(), "dtype": self.dtype, "multimodal": self.multimodal}
 
 
 class OpenAIEngineConfig(EngineBase):
@@ -108,7 +108,9 @@ class VLLMEngineConfig(EngineBase):
     max_concurrent_batches: int = Field(8, ge=1, description="batches in flight per replica (ray.data.llm)")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "dtype": self.dtype}
+        # quantization, context length and image handling in engine_kwargs change the text generated
+        return {**super().cache_identity(), "dtype": self.dtype, "max_model_len": self.max_model_len,
+                "multimodal": self.multimodal, "engine_kwargs": self.engine_kwargs}
 
 
 EngineConfig = Annotated[
