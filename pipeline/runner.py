@@ -33,6 +33,7 @@ from pipeline.rundir import (
     fingerprint,
     read_table,
     shard_files,
+    stable_hash,
     versions,
 )
 from pipeline.stages import STAGES
@@ -124,6 +125,33 @@ class StageContext:
         return int(stable_hash(self.run_config.run.seed, self.step, *salt, n=8), 16)
 
 
+_PROMPT_DIRS = [Path(__file__).resolve().parents[1] / pkg / "prompts" for pkg in ("teachers", "filters")]
+
+
+def _file_contents(tree: Any) -> dict[str, str]:
+    """Digests of the files that config keys ending in `_file` name (prompts, rubrics, templates), so
+    editing a prompt re-runs the steps that read it. Names resolve like the stages resolve them: as a
+    path, else inside the packages' prompts/ folders."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(v, str) and k.endswith("_file"):
+                    for cand in [Path(v), *(d / v for d in _PROMPT_DIRS)]:
+                        if cand.is_file():
+                            out[v] = stable_hash(cand.read_bytes())
+                            break
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tree)
+    return out
+
+
 class Runner:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -143,7 +171,8 @@ class Runner:
             mod = STAGES[step.stage].load()
             scfg = self.stage_config(step)
             # run.seed feeds every stage's derived seeds (ctx.seed), so it is part of every fingerprint
-            data = {"config": scfg.model_dump(mode="json"), "run_seed": self.cfg.run.seed}
+            dumped = scfg.model_dump(mode="json")
+            data = {"config": dumped, "run_seed": self.cfg.run.seed, "files": _file_contents(dumped)}
             extra = getattr(mod, "fingerprint_extra", None)
             if extra is not None:
                 data["extra"] = extra(scfg)

@@ -146,3 +146,17 @@ def test_run_seed_and_saved_config_round_trip(tmp_path):
     again = Runner(load_config(saved))
     assert again.cfg.ingest.sources[0].columns.answer_type is None
     assert again.fingerprint(again.steps[0]) == Runner(c).fingerprint(Runner(c).steps[0])
+
+
+def test_editing_a_prompt_file_makes_the_step_stale(tmp_path):
+    from pipeline.runner import _file_contents
+
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("Think step by step.")
+    tree = {"prompt": {"system_prompt_file": str(prompt)}, "rubric_file": None, "sources": [{"x_file": str(prompt)}]}
+    before = _file_contents(tree)
+    assert set(before) == {str(prompt)}
+    prompt.write_text("Think step by step, then answer in \\\\boxed{}.")
+    assert _file_contents(tree) != before
+    # a name inside the packages' prompts/ folders resolves too
+    assert _file_contents({"prompt_file": "caption.txt"})
