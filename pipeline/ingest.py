@@ -88,13 +88,16 @@ class IngestConfig(StageConfig):
 
 
 def fingerprint_extra(cfg: IngestConfig) -> dict:
-    """Source files' sizes and mtimes, so an edited input re-runs ingest."""
+    """Sizes and mtimes of the source files and of the files beside them (image paths are relative to
+    the source file), digested, so an edited input or a replaced image re-runs ingest."""
     out = {}
     for s in cfg.sources:
-        if s.path:
-            p = Path(s.path)
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-            out[s.path] = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files[:2000]]
+        if not s.path:
+            continue
+        p = Path(s.path)
+        root = p.parent if p.is_file() and s.columns.images else p
+        files = [p] if root == p and p.is_file() else sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+        out[s.path] = stable_hash([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     return out
 
 

@@ -201,3 +201,22 @@ def test_malformed_rows_and_decompression_bombs_are_quarantined(tmp_path, ray_lo
     assert m.quarantined == {"bad_row": 1, "missing_image": 1, "corrupt_image": 1}
     errors = {q["reason"]: q["error"] for q in read_rows(runner.run_dir / "ingest" / "quarantine")}
     assert f"{path}:2" in errors["bad_row"] and "bomb.png" in errors["corrupt_image"]
+
+
+def test_replacing_an_image_changes_the_fingerprint(tmp_path):
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    d = tmp_path / "data"
+    (d / "img").mkdir(parents=True)
+    (d / "img" / "a.png").write_bytes(png_bytes())
+    path = write_jsonl(d / "p.jsonl", [{"question": "q", "answer": "1", "images": "img/a.png"}])
+    cfg = write_config(tmp_path, {"ingest": {"sources": [{"kind": "jsonl", "path": str(path)}]}})
+    before = Runner(load_config(cfg))
+    fp = before.fingerprint(before.steps[0])
+    (d / "img" / "a.png").write_bytes(png_bytes((1, 2, 3), size=(40, 30)))
+    os.utime(d / "img" / "a.png", ns=(1, 1))
+    after = Runner(load_config(cfg))
+    assert after.fingerprint(after.steps[0]) != fp
