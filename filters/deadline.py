@@ -126,7 +126,8 @@ class DeadlinePool:
             if not w.ready:
                 raise RuntimeError(f"check worker for {self.ref} failed to start (exit code {code})") from None
             log.warning("check worker died (exit code %s); replacing it", code)
-            out[w.task] = Outcome(error=f"worker died (exit code {code})", seconds=now - w.t0)
+            if w.task is not None:  # an idle worker's death costs no task
+                out[w.task] = Outcome(error=f"worker died (exit code {code})", seconds=now - w.t0)
             self._replace(i)
             return
         if kind == "ready":
@@ -140,10 +141,16 @@ class DeadlinePool:
         out: list[Outcome | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         while pending or any(w.task is not None for w in self._workers):
-            for w in self._workers:
+            for i, w in enumerate(list(self._workers)):
                 if w.ready and w.task is None and pending:
                     idx = pending.popleft()
-                    w.send_conn.send(tasks[idx])
+                    try:
+                        w.send_conn.send(tasks[idx])
+                    except OSError:  # the worker died while idle (BrokenPipeError): the task goes to another
+                        log.warning("check worker died while idle (exit code %s); replacing it", w.proc.poll())
+                        pending.appendleft(idx)
+                        self._replace(i)
+                        continue
                     w.task, w.t0 = idx, time.monotonic()
             now = time.monotonic()
             limits = [w.t0 + self.timeout_s for w in self._workers if w.task is not None]

@@ -27,7 +27,9 @@ SKY_SOLUTION_OPEN, SKY_SOLUTION_CLOSE = "<|begin_of_solution|>", "<|end_of_solut
 # bounded window keeps the regex cost flat on 100k-character responses.
 _TAIL_CHARS = 4000
 _MARKER = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)?\s*[:：]?\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})",
+    # a bare "answer" must be followed by is / : / = ("This answer makes sense" is no marker)
+    r"(?:final\s+answer\s*(?:is\b|[:：=])?|answer\s*(?:\*\*)?\s*(?:is\b|[:：=]))"
+    r"\s*[:：]?\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})",
     re.IGNORECASE,
 )
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.IGNORECASE)

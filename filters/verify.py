@@ -96,7 +96,14 @@ _CURRENCY = re.compile(r"\\\$|\$|US\s*\\?\$|\bUSD\b|€|£|¥|\\euro|\\pounds|\b
 _PERCENT = re.compile(r"\\%|%|\\percent|\bpercent\b", re.I)
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree|\bdegrees?\b", re.I)
 _TEXT_UNIT = re.compile(r"(?:\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{[^{}]*\}\s*)+$")
-_WORD_UNIT = re.compile(r"(?<=[\d}\s])\s*(?![eE][-+]?\d+$)[a-zA-Z][a-zA-Z\s^0-9]*$")  # not "1e5"
+# A trailing unit: letter words after a number ("5 cm", "3 hours", "5 m^2"), never a tail with other digits
+# ("3 hours 20 minutes") or a conjunction ("5 and 6", "2 or 3"); a one-letter word only after a space ("3x").
+_UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?)?"
+_WORD_UNIT = re.compile(
+    rf"(?<=[\d}}])(?:\s+|(?=[a-zA-Z]{{2}}))(?![eE][-+]?\d+$)(?!.*\b(?:and|or|to)\b)"
+    rf"{_UNIT_WORD}(?:\s+{_UNIT_WORD})*$",
+    re.I,
+)
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad|~")
 
 
@@ -182,11 +189,16 @@ def _as_set(x: Any) -> Any:
     """An interval-like answer as a sympy Set: relations (`x>2`, `1<x<=3`) via as_set, `x \\in S` via S."""
     import sympy
 
+    rel = (sympy.core.relational.Relational, sympy.And, sympy.Or)
+    if isinstance(x, sympy.FiniteSet) and x.args and all(isinstance(a, rel) for a in x.args):
+        # "x<2 or x>3" parses to a set of relations: the answer is their union
+        if len(x.free_symbols) == 1:
+            return sympy.Union(*(a.as_set() for a in x.args))
     if isinstance(x, sympy.Set):
         return x
     if isinstance(x, sympy.Eq) and isinstance(x.rhs, sympy.Set):
         return x.rhs
-    if isinstance(x, (sympy.core.relational.Relational, sympy.And, sympy.Or)) and len(x.free_symbols) == 1:
+    if isinstance(x, rel) and len(x.free_symbols) == 1:
         return x.as_set()
     return None
 
