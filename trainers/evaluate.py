@@ -79,12 +79,11 @@ class EvaluateConfig(StageConfig):
 
 
 def fingerprint_extra(cfg: EvaluateConfig) -> dict:
-    out = {}
-    for s in cfg.sources or []:
-        if s.path and Path(s.path).exists():
-            st = Path(s.path).stat()
-            out[s.path] = [st.st_size, int(st.st_mtime)]
-    return out
+    """The eval sources' files (and the images beside them), digested the way ingest does."""
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import fingerprint_extra as source_stats
+
+    return source_stats(IngestConfig(sources=cfg.sources)) if cfg.sources else {}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -210,6 +210,13 @@ def _model_dir(cfg: TrainConfig, ctx: Any) -> Path:
 # the stage
 
 
+def fingerprint_extra(cfg: TrainConfig) -> dict:
+    """A changed init checkpoint re-runs training (steps fed by `assemble` get its fingerprint instead)."""
+    from trainers.assemble import _path_stats
+
+    return {"init_from": _path_stats(cfg.init_from)}
+
+
 def run(cfg: TrainConfig, ctx: Any) -> Manifest:
     from trainers.data import SFTDataset
     from trainers.launch import WorkerSpec, launch
