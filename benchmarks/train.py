@@ -17,9 +17,9 @@ the same gradient accumulation, in the same process, one after the other.
   out-of-memory attempt is dropped and the next one runs); then the same with regional torch.compile
   when time is left.
 
-Reported per variant: tokens/s and MFU (model FLOPs: 6 x parameters + 12 x layers x hidden x seq per
-token — vision parameters counted per text token, recompute not counted — over the card's dense bf16
-peak), median over the steps after warm-up, peak memory, and the ratio to the baseline. On CPU the MFU
+Reported per variant: tokens/s and MFU (model FLOPs per trainers/flops.py: 6 x LLM parameters per
+text token, 6 x vision parameters per patch, attention 12 x layers x hidden x s per token of an
+s-token sample, recompute not counted — over the card's dense bf16 peak), median over the steps after warm-up, peak memory, and the ratio to the baseline. On CPU the MFU
 uses a nominal 1 TFLOP/s peak: a smoke figure only.
 Imports nothing from ray, polars or math-verify (the GPU box has none of them).
 """
@@ -139,7 +139,8 @@ def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
     import deepspeed
     import torch
 
-    from trainers.loop import LoopConfig, flops_per_token, init_distributed, peak_flops
+    from trainers.flops import StepFlops, batch_stats, peak_flops
+    from trainers.loop import init_distributed
 
     init_distributed()
     model = build_student(shape, device, dtype)
@@ -157,8 +158,9 @@ def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     engine.train()
-    fpt = flops_per_token(model, shape["seq"])
-    peak = peak_flops(LoopConfig(), device)
+    # every sample has the same shape: one step's model FLOPs are grad_accum times one sample's
+    step_flops = args.grad_accum * StepFlops.of(model).step(*batch_stats(data.collate([data[0]])))
+    peak = peak_flops(None, device)
     times, k = [], 0
     for step in range(args.warmup + args.steps):
         if device.type == "cuda":
@@ -180,7 +182,8 @@ def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
     del engine, model, opt
     tokens = shape["seq"] * args.grad_accum
     tok_s = tokens / statistics.median(times)
-    return {"tok_s": tok_s, "mfu": tok_s * fpt / peak, "step_s": statistics.median(times), "peak_gb": _peak_gb()}
+    step_s = statistics.median(times)
+    return {"tok_s": tok_s, "mfu": step_flops / step_s / peak, "step_s": step_s, "peak_gb": _peak_gb()}
 
 
 def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, compile_: bool) -> dict:

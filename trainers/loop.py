@@ -36,18 +36,13 @@ from pydantic import Field
 
 from pipeline.config import StageConfig
 from trainers.checkpoint import export_model, load_checkpoint, save_checkpoint
+from trainers.flops import StepFlops, batch_stats, peak_flops
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 CKPT_DIR = "checkpoints"
 STEPS_LOG = "steps.jsonl"
-
-# Dense bf16 peak FLOP/s by device name (no sparsity): the MFU denominator.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-# A nominal CPU peak so the CPU figure is a smoke number, never compared with a GPU's.
-CPU_PEAK_FLOPS = 1e12
-
 
 class LoopConfig(StageConfig):
     """Optimisation settings shared by every launcher (TrainConfig extends it)."""
@@ -321,41 +316,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def _text_config(config: Any) -> Any:
-    return getattr(config, "text_config", None) or config
-
-
-def flops_per_token(model: Any, seq_len: int) -> float:
-    """Training FLOPs per text token: 6 x parameters + attention (12 x layers x hidden x seq_len).
-
-    Vision parameters are counted per text token too: with one image per sample and few hundred patches
-    per thousands of text tokens that over-counts by little; the benchmark states this approximation.
-    """
-    n = sum(p.numel() for p in model.parameters())
-    ds = [getattr(p, "ds_numel", 0) for p in model.parameters()]
-    if any(ds):  # ZeRO-3 partitioned parameters report numel 0
-        n = sum(ds)
-    tc = _text_config(getattr(_unwrap(model), "config", None))
-    layers = getattr(tc, "num_hidden_layers", 0) or 0
-    hidden = getattr(tc, "hidden_size", 0) or 0
-    return 6.0 * n + 12.0 * layers * hidden * seq_len
-
-
-def peak_flops(cfg: LoopConfig, device: Any) -> float:
-    import torch
-
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, v in PEAK_FLOPS.items():
-            if key in name:
-                return v
-        log.warning("unknown GPU %r: MFU uses the H100 peak; set train.peak_tflops", name)
-        return PEAK_FLOPS["H100"]
-    return CPU_PEAK_FLOPS
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -419,11 +379,9 @@ def _weighted(sample: dict, w: float) -> dict:
     return s
 
 
-def _count(batch: dict) -> tuple[int, int]:
-    """(labelled tokens, real tokens) of a batch; padding is not counted as throughput."""
-    labels = int((batch["labels"] != -100).sum())
-    mask = batch.get("attention_mask")
-    return labels, int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+def _count(batch: dict) -> list[float]:
+    """[labelled tokens, text tokens, sum of squared sample lengths, images] of a batch (no padding)."""
+    return [float((batch["labels"] != -100).sum()), *map(float, batch_stats(batch))]
 
 
 def train_loop(
@@ -464,6 +422,7 @@ def train_loop(
                 module.compile()
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    flops = StepFlops.of(model)  # before DeepSpeed partitions anything
     wrapped = make_loss_module(model, cfg.loss_chunk, cfg.zero_stage)
     opt_kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas)}
     if device.type == "cuda":
@@ -495,7 +454,7 @@ def train_loop(
 
                 writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
 
-        peak = peak_flops(cfg, device) * world
+        peak = peak_flops(cfg.peak_tflops, device) * world
         losses = [r["loss"] for r in records]
         samples_seen = position.get("samples_seen", 0)
         batches = _global_batches(n, cfg, world, rank, seed, position)
@@ -506,10 +465,9 @@ def train_loop(
             lr = scheduler.get_last_lr()[0]
             micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
             # On the device: NCCL reduces CUDA tensors only (gloo takes either).
-            counts = [sum(_count(m)[0] for m in micro), sum(_count(m)[1] for m in micro)]
-            local = torch.tensor(counts, dtype=torch.float64, device=device)
+            local = torch.tensor([sum(c) for c in zip(*map(_count, micro))], dtype=torch.float64, device=device)
             dist.all_reduce(local)
-            n_labels, n_tokens = (float(x) for x in local.tolist())
+            n_labels, n_tokens, n_sq, n_images = local.tolist()
             scale = cfg.grad_accum * world / max(n_labels, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m in micro:
@@ -525,9 +483,8 @@ def train_loop(
             samples_seen += real
             loss = float(loss_sum) / max(n_labels, 1.0)
             losses.append(loss)
-            seq = n_tokens / max(1, cfg.micro_batch * cfg.grad_accum * world)
             tok_s = n_tokens / dt
-            mfu = tok_s * flops_per_token(model, int(seq)) / peak
+            mfu = flops.step(n_tokens, n_sq, n_images) / dt / peak
             gn = engine.get_global_grad_norm()
             rec = {
                 "step": step,
