@@ -200,3 +200,51 @@ def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
         assert abs(a - b) < 1e-6, f"step {i + 1}: {a} vs {b}"
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "steps.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # steps 7-8 of the killed run were replaced, not duplicated
+
+
+@pytest.mark.parametrize("dtype,bias,chunk", [("float32", False, 5), ("float32", True, 64), ("bfloat16", False, 7)])
+def test_fused_head_loss_matches_full_logits_in_value_and_gradients(dtype, bias, chunk):
+    import torch
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(24, 50, bias=bias).to(dt)
+    hidden = torch.randn(3, 11, 24, dtype=dt, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[1, :4] = -100
+    w = torch.rand(3, 11)
+    w[2, 5] = 0.0
+
+    def grads(loss):
+        (2.5 * loss).backward()  # an upstream scale reaches every gradient
+        out = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+        return out
+
+    ref = (torch.nn.functional.cross_entropy(head(hidden[:, :-1]).float().reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                             reduction="none", ignore_index=-100) * w[:, 1:].reshape(-1)).sum()
+    g_ref = grads(ref)
+    fused = chunked_lm_loss(hidden, head, labels, w, chunk)
+    assert fused.grad_fn is not None and "FusedLinearCrossEntropy" in type(fused.grad_fn).__name__
+    g_fused = grads(fused)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert torch.allclose(fused.detach(), ref.detach(), rtol=tol, atol=tol)
+    for a, b in zip(g_ref, g_fused, strict=True):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), (a - b).abs().max()
+
+
+def test_fused_head_loss_with_a_frozen_head_gives_only_the_hidden_gradient():
+    import torch
+
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 20, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, 9, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (1, 9))
+    w = torch.ones(1, 9)
+    chunked_lm_loss(hidden, head, labels, w, 3).backward()
+    g = hidden.grad.clone()
+    hidden.grad = None
+    chunked_lm_loss(hidden, head, labels, w, 0).backward()
+    assert head.weight.grad is None and torch.allclose(g, hidden.grad, atol=1e-6)
