@@ -12,10 +12,11 @@ the same gradient accumulation, in the same process, one after the other.
 - baseline: `model(input_ids, pixel_values, labels)` with transformers' own loss (full logits upcast to
   fp32), gradient checkpointing on every layer, sdpa attention, fused AdamW passed to
   `deepspeed.initialize`.
-- ours: `trainers.loop.train_loop`: chunked lm_head + cross-entropy (no full logits), and recompute only
-  where memory needs it: tried without recompute first, then every 2nd layer, then every layer (an
-  out-of-memory attempt is dropped and the next one runs); then the same with regional torch.compile
-  when time is left.
+- ours: `trainers.loop.train_loop`: fused lm_head + cross-entropy (no full logits, no recompute of the
+  head), and recompute only where memory needs it: tried without recompute first, then every 2nd
+  layer, then every layer (an out-of-memory attempt is dropped and the next one runs). Run as the
+  configurations `--variants` lists (ZeRO stage, regional torch.compile), while `--budget-s` allows;
+  "ours" is the fastest that finished, every variant's figures are kept.
 
 Reported per variant: tokens/s and MFU (model FLOPs per trainers/flops.py: 6 x LLM parameters per
 text token, 6 x vision parameters per patch, attention 12 x layers x hidden x s per token of an
@@ -186,16 +187,16 @@ def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
     return {"tok_s": tok_s, "mfu": step_flops / step_s / peak, "step_s": step_s, "peak_gb": _peak_gb()}
 
 
-def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, compile_: bool) -> dict:
-    """trainers.loop.train_loop; recompute 0 = none, k = every k-th layer."""
+def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, variant: dict) -> dict:
+    """trainers.loop.train_loop; recompute 0 = none, k = every k-th layer; variant: zero stage, compile."""
     from trainers.loop import LoopConfig, LoopData, train_loop
 
     model = build_student(shape, device, dtype)
     cfg = LoopConfig(
-        zero_stage=2, precision="bf16" if device.type == "cuda" else "fp32", lr=1e-5, warmup_ratio=0.0,
+        zero_stage=variant["zero"], precision="bf16" if device.type == "cuda" else "fp32", lr=1e-5, warmup_ratio=0.0,
         micro_batch=1, grad_accum=args.grad_accum, max_steps=args.warmup + args.steps, save_every=0,
         gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
-        loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=compile_, log_every=5,
+        loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
     )
     with tempfile.TemporaryDirectory() as tmp:
         res = train_loop(model, LoopData(data, Samples.collate), cfg, Path(tmp), seed=0)
@@ -206,8 +207,10 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, co
         "mfu": statistics.median(r["mfu"] for r in recs),
         "step_s": statistics.median(r["step_s"] for r in recs),
         "peak_gb": _peak_gb(),
+        "variant": variant["name"],
+        "zero_stage": variant["zero"],
         "recompute_every": recompute,
-        "compile": compile_,
+        "compile": variant["compile"],
         "final_loss": res.losses[-1],
     }
 
@@ -225,8 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--loss-chunk", type=int, default=4096)
-    ap.add_argument("--budget-s", type=float, default=270.0, help="skip the compile variant past this")
-    ap.add_argument("--compile", action="store_true", help="also run the compiled variant off GPU (it always does on GPU)")
+    ap.add_argument("--variants", default=None,
+                    help="our configurations, comma-separated z<stage>[c] (c = compiled); default GPU "
+                         "'z2,z1,z1c,z2c,z0', CPU 'z2'")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq:
         shape["seq"] = args.seq
     args.steps = args.steps or (15 if args.gpu else 6)
+    args.variants = args.variants or ("z2,z1,z1c,z2c,z0" if args.gpu else "z2")
     data = Samples(shape, n=max(4, args.grad_accum * 2))
     out: dict = {
         "device": torch.cuda.get_device_name() if args.gpu else "cpu",
@@ -259,53 +265,69 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("baseline: %s", out["baseline"])
     _free()
     attempts = [0, 2, 1] if args.gpu and not args.tiny else [0]
-    ours = None
-    for every in attempts:
-        try:
-            ours = run_ours(shape, data, args, device, dtype, every, compile_=False)
-        except Exception as e:  # noqa: BLE001 - out of memory: recompute more and try again; else re-raise
-            if not _is_oom(e):
-                raise
-            log.warning("ours with recompute_every=%d: out of memory (%s); trying more recompute", every, str(e)[:200])
-            out.setdefault("oom", []).append(every)
-        _free()  # outside the except block: the exception's frames (activations) are gone by now
-        if ours is not None:
+    variants = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
+    out["variants"] = {}
+    for i, variant in enumerate(variants):
+        if i > 0 and time.time() - t_start > args.budget_s:
+            log.warning("time budget spent: variants from %s on not run", variant["name"])
             break
-    if ours is None:
-        raise SystemExit("ours: out of memory at every recompute setting")
-    out["ours"] = ours
-    log.info("ours: %s", ours)
-    _free()
-    _write(args.out, out, base_ratio=True)  # the main figures survive a timeout in the optional variant
-    if (args.gpu or args.compile) and time.time() - t_start < args.budget_s:
-        try:
-            out["ours_compiled"] = run_ours(shape, data, args, device, dtype, ours["recompute_every"], compile_=True)
-            log.info("ours + compile: %s", out["ours_compiled"])
-        except Exception as e:  # noqa: BLE001 - the compiled variant is optional; its failure is reported
-            kind = "out of memory" if _is_oom(e) else type(e).__name__
-            out["ours_compiled"] = {"error": f"{kind}: {str(e)[:300]}"}
-            log.warning("ours + compile failed: %s", out["ours_compiled"]["error"])
-    base = out["baseline"]["tok_s"]
-    if "tok_s" in out.get("ours_compiled", {}):
-        out["ratio_tok_s_compiled"] = out["ours_compiled"]["tok_s"] / base
+        out["variants"][variant["name"]] = run_variant(shape, data, args, device, dtype, attempts, variant)
+        log.info("ours %s: %s", variant["name"], out["variants"][variant["name"]])
+        _free()
+        _summarise(out)
+        _write(args.out, out)  # the figures so far survive a timeout in a later variant
+    if "ours" not in out:
+        raise SystemExit("ours: no variant finished (see the errors under 'variants')")
     out["wall_s"] = round(time.time() - t_start, 1)
     summary = (
         f"train bench ({out['device']}, {out['shape']}, seq {shape['seq']}): "
-        f"baseline {base:,.0f} tok/s mfu {out['baseline']['mfu']:.3f} | "
+        f"baseline {out['baseline']['tok_s']:,.0f} tok/s mfu {out['baseline']['mfu']:.3f} | "
         f"ours {out['ours']['tok_s']:,.0f} tok/s mfu {out['ours']['mfu']:.3f} "
-        f"(recompute_every={out['ours']['recompute_every']}) | ratio {out['ratio_tok_s']:.2f}x"
+        f"(best variant {out['ours']['variant']}, recompute_every={out['ours']['recompute_every']}) | "
+        f"ratio {out['ratio_tok_s']:.2f}x"
     )
-    if "ratio_tok_s_compiled" in out:
-        summary += f" | compiled {out['ours_compiled']['tok_s']:,.0f} tok/s mfu {out['ours_compiled']['mfu']:.3f}"
     print(summary, flush=True)
-    _write(args.out, out, base_ratio=True)
+    for name, v in out["variants"].items():
+        print(f"  {name}: " + (f"{v['tok_s']:,.0f} tok/s mfu {v['mfu']:.3f} peak {v['peak_gb']:.1f} GB"
+                               if "tok_s" in v else v["error"]), flush=True)
+    _write(args.out, out)
     return out
 
 
-def _write(path: Path | None, out: dict, base_ratio: bool) -> None:
-    if base_ratio:
+def parse_variant(spec: str) -> dict:
+    """'z2' = ZeRO-2; a trailing 'c' adds regional torch.compile: 'z1c' = ZeRO-1 compiled."""
+    spec = spec.strip()
+    compile_ = spec.endswith("c")
+    body = spec[:-1] if compile_ else spec
+    if not (body.startswith("z") and body[1:] in ("0", "1", "2", "3")):
+        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c]")
+    return {"name": spec, "zero": int(body[1:]), "compile": compile_}
+
+
+def run_variant(shape: dict, data: Samples, args, device, dtype, attempts: list[int], variant: dict) -> dict:
+    """One variant, with more recompute after each out-of-memory; its failure is reported, not raised."""
+    for every in attempts:
+        try:
+            return run_ours(shape, data, args, device, dtype, every, variant)
+        except Exception as e:  # noqa: BLE001 - out of memory: recompute more; any other failure is reported
+            failure = f"{'out of memory' if _is_oom(e) else type(e).__name__}: {str(e)[:300]}"
+        _free()  # outside the except block: the exception's frames (activations) are gone by now
+        log.warning("ours %s with recompute_every=%d failed: %s", variant["name"], every, failure)
+        if not failure.startswith("out of memory"):
+            break
+    return {"error": failure}
+
+
+def _summarise(out: dict) -> None:
+    """'ours' = the fastest finished variant; ratios against the baseline of the same run."""
+    done = [v for v in out["variants"].values() if "tok_s" in v]
+    if done:
+        out["ours"] = max(done, key=lambda v: v["tok_s"])
         out["ratio_tok_s"] = out["ours"]["tok_s"] / out["baseline"]["tok_s"]
         out["ratio_mfu"] = out["ours"]["mfu"] / out["baseline"]["mfu"]
+
+
+def _write(path: Path | None, out: dict) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
