@@ -277,13 +277,21 @@ def _parse_elements(s: str, is_gold: bool) -> list[Any] | None:
     return out
 
 
-def _check_set(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str]:
+def _elements(pred: str, gold: str) -> tuple[list, list] | tuple[str, str]:
+    """(gold elements, predicted elements), or a ("wrong", why) verdict when they cannot pair up."""
     G = _parse_elements(gold, True)
     P = _parse_elements(pred, False)
     if P is None:
         return "wrong", "prediction does not parse"
     if len(G) != len(P):
         return "wrong", f"{len(P)} elements, gold has {len(G)}"
+    return G, P
+
+
+def _check_set(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str]:
+    G, P = _elements(pred, gold)
+    if isinstance(G, str):
+        return G, P
     unmatched = list(P)
     for g in G:  # exact multiset match: every gold element pairs with its own predicted element
         hit = next((i for i, p in enumerate(unmatched) if _eq(g, p, opts)), None)
@@ -294,12 +302,9 @@ def _check_set(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str
 
 
 def _check_tuple(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str]:
-    G = _parse_elements(gold, True)
-    P = _parse_elements(pred, False)
-    if P is None:
-        return "wrong", "prediction does not parse"
-    if len(G) != len(P):
-        return "wrong", f"{len(P)} elements, gold has {len(G)}"
+    G, P = _elements(pred, gold)
+    if isinstance(G, str):
+        return G, P
     for i, (g, p) in enumerate(zip(G, P, strict=True)):
         if not _eq(g, p, opts):
             return "wrong", f"element {i} differs"

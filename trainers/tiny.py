@@ -129,13 +129,12 @@ def build_tiny_llm(
     return out
 
 
-def build_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random SigLIP vision encoder with its image processor, saved to `out_dir`."""
+def _tiny_vision(out_dir: str | Path, config_cls, model_cls, processor, seed: int) -> Path:
+    """A tiny random vision encoder of `model_cls` (hidden 64, 2 layers) saved with `processor`."""
     import torch
-    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
     out = Path(out_dir)
-    cfg = SiglipVisionConfig(
+    cfg = config_cls(
         hidden_size=TINY_HIDDEN,
         intermediate_size=2 * TINY_HIDDEN,
         num_hidden_layers=2,
@@ -144,31 +143,27 @@ def build_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
         patch_size=TINY_PATCH,
     )
     torch.manual_seed(seed)
-    SiglipVisionModel(cfg).to(torch.float32).save_pretrained(str(out))
-    SiglipImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE}).save_pretrained(str(out))
+    model_cls(cfg).to(torch.float32).save_pretrained(str(out))
+    processor.save_pretrained(str(out))
     return out
+
+
+def build_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random SigLIP vision encoder with its image processor, saved to `out_dir`."""
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    processor = SiglipImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    return _tiny_vision(out_dir, SiglipVisionConfig, SiglipVisionModel, processor, seed)
 
 
 def build_tiny_internvit(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny random InternViT-style encoder (`internvl_vision`) with a tiling image processor."""
-    import torch
     from transformers import GotOcr2ImageProcessorPil, InternVLVisionConfig, InternVLVisionModel
 
-    out = Path(out_dir)
-    cfg = InternVLVisionConfig(
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=2 * TINY_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE,
-        patch_size=TINY_PATCH,
-    )
-    torch.manual_seed(seed)
-    InternVLVisionModel(cfg).to(torch.float32).save_pretrained(str(out))
-    GotOcr2ImageProcessorPil(
+    processor = GotOcr2ImageProcessorPil(
         size={"height": TINY_IMAGE, "width": TINY_IMAGE}, crop_to_patches=True, min_patches=1, max_patches=4
-    ).save_pretrained(str(out))
-    return out
+    )
+    return _tiny_vision(out_dir, InternVLVisionConfig, InternVLVisionModel, processor, seed)
 
 
 def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, internvit: bool = False) -> dict[str, Path]:
