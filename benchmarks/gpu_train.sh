@@ -19,5 +19,5 @@ python3 -c "import deepspeed, torch, transformers; print('deepspeed', deepspeed.
 # ~2.0B-parameter student, 8k tokens, bf16: baseline, then our variants (ZeRO-2/1/0, compiled) while
 # --budget-s allows; BENCH_FLAGS="--gpu --variants z1c" runs one chosen variant
 # BENCH_FLAGS="--tiny" runs the same script on a CPU (the check that it runs at all)
-timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/train.py ${BENCH_FLAGS:---gpu} --out "$RESULT" "${@:2}"
+timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/train.py ${BENCH_FLAGS:---gpu --profile 2} --out "$RESULT" "${@:2}"
 echo "figures in $RESULT"

@@ -198,11 +198,17 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
         loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
     )
+    prof = StepProfiler(args.warmup, args.profile) if args.profile and not args.profiled else None
     with tempfile.TemporaryDirectory() as tmp:
-        res = train_loop(model, LoopData(data, Samples.collate), cfg, Path(tmp), seed=0)
+        res = train_loop(model, LoopData(data, Samples.collate), cfg, Path(tmp), seed=0,
+                         on_step=prof.on_step if prof else None)
     del model
     recs = res.records[args.warmup:]
-    return {
+    extra = {}
+    if prof is not None and prof.table:
+        args.profiled = True  # the first variant that finishes is profiled; the others run unobserved
+        extra["profile"] = prof.table
+    return {**extra, 
         "tok_s": statistics.median(r["tok_s"] for r in recs),
         "mfu": statistics.median(r["mfu"] for r in recs),
         "step_s": statistics.median(r["step_s"] for r in recs),
@@ -213,6 +219,39 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         "compile": variant["compile"],
         "final_loss": res.losses[-1],
     }
+
+
+class StepProfiler:
+    """torch.profiler over `n` optimizer steps after `warmup`, started and stopped from the loop's
+    per-step callback; `table` lists the ops with the most device time (CPU time off GPU)."""
+
+    def __init__(self, warmup: int, n: int) -> None:
+        self.first, self.last, self.table, self.prof = warmup, warmup + n, [], None
+
+    def on_step(self, step: int, rec: dict) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.start()
+        elif step == self.last and self.prof is not None:
+            self.prof.stop()
+            cuda = torch.cuda.is_available()
+            key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            events = sorted(self.prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+            total = sum(getattr(e, key) for e in events) or 1.0
+            steps = self.last - self.first
+            self.table = [
+                {"op": e.key[:120], "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+                 "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count // steps}
+                for e in events[:30]
+            ]
+            for row in self.table[:20]:
+                log.info("profile | %6.1f ms/step %5.1f%% %6d calls | %s", row["ms_per_step"], 100 * row["share"],
+                         row["calls_per_step"], row["op"])
+            self.prof = None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -232,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="our configurations, comma-separated z<stage>[c] (c = compiled); default GPU "
                          "'z2,z1,z1c,z2c,z0', CPU 'z2'")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many steps of the first variant that finishes: top ops by device time")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -247,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq:
         shape["seq"] = args.seq
     args.steps = args.steps or (15 if args.gpu else 6)
+    args.profiled = False
     args.variants = args.variants or ("z2,z1,z1c,z2c,z0" if args.gpu else "z2")
     data = Samples(shape, n=max(4, args.grad_accum * 2))
     out: dict = {
