@@ -15,7 +15,7 @@ the same gradient accumulation, in the same process, one after the other.
 - ours: `trainers.loop.train_loop`: fused lm_head + cross-entropy (no full logits, no recompute of the
   head), and recompute only where memory needs it: tried without recompute first, then every 2nd
   layer, then every layer (an out-of-memory attempt is dropped and the next one runs). Run as the
-  configurations `--variants` lists (ZeRO stage, regional torch.compile), while `--budget-s` allows;
+  configurations `--variants` lists (ZeRO stage, regional torch.compile, Liger kernels), while `--budget-s` allows;
   "ours" is the fastest that finished, every variant's figures are kept.
 
 Reported per variant: tokens/s and MFU (model FLOPs per trainers/flops.py: 6 x LLM parameters per
@@ -197,6 +197,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         micro_batch=1, grad_accum=args.grad_accum, max_steps=args.warmup + args.steps, save_every=0,
         gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
         loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
+        kernels=variant["kernels"],
     )
     prof = StepProfiler(args.warmup, args.profile) if args.profile and not args.profiled else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +209,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
     if prof is not None and prof.table:
         args.profiled = True  # the first variant that finishes is profiled; the others run unobserved
         extra["profile"] = prof.table
-    return {**extra, 
+    return {**extra,
         "tok_s": statistics.median(r["tok_s"] for r in recs),
         "mfu": statistics.median(r["mfu"] for r in recs),
         "step_s": statistics.median(r["step_s"] for r in recs),
@@ -217,6 +218,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         "zero_stage": variant["zero"],
         "recompute_every": recompute,
         "compile": variant["compile"],
+        "kernels": variant["kernels"],
         "final_loss": res.losses[-1],
     }
 
@@ -268,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--variants", default=None,
-                    help="our configurations, comma-separated z<stage>[c] (c = compiled); default GPU "
-                         "'z2,z1,z1c,z2c,z0', CPU 'z2'")
+                    help="our configurations, comma-separated z<stage>[c][l] (c = compiled, l = Liger kernels); "
+                         "default GPU 'z2,z1,z2l,z1c,z1l,z0', CPU 'z2'")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many steps of the first variant that finishes: top ops by device time")
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape["seq"] = args.seq
     args.steps = args.steps or (15 if args.gpu else 6)
     args.profiled = False
-    args.variants = args.variants or ("z2,z1,z1c,z2c,z0" if args.gpu else "z2")
+    args.variants = args.variants or ("z2,z1,z2l,z1c,z1l,z0" if args.gpu else "z2")
     data = Samples(shape, n=max(4, args.grad_accum * 2))
     out: dict = {
         "device": torch.cuda.get_device_name() if args.gpu else "cpu",
@@ -337,13 +339,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def parse_variant(spec: str) -> dict:
-    """'z2' = ZeRO-2; a trailing 'c' adds regional torch.compile: 'z1c' = ZeRO-1 compiled."""
+    """'z2' = ZeRO-2; then flags: 'c' regional torch.compile, 'l' Liger kernels: 'z1lc' = ZeRO-1, Liger,
+    compiled."""
     spec = spec.strip()
-    compile_ = spec.endswith("c")
-    body = spec[:-1] if compile_ else spec
-    if not (body.startswith("z") and body[1:] in ("0", "1", "2", "3")):
-        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c]")
-    return {"name": spec, "zero": int(body[1:]), "compile": compile_}
+    head, flags = spec[:2], spec[2:]
+    if not (head[:1] == "z" and head[1:] in ("0", "1", "2", "3")) or set(flags) - {"c", "l"}:
+        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c][l]")
+    return {"name": spec, "zero": int(head[1]), "compile": "c" in flags, "kernels": "liger" if "l" in flags else "none"}
 
 
 def run_variant(shape: dict, data: Samples, args, device, dtype, attempts: list[int], variant: dict) -> dict:

@@ -37,6 +37,7 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from trainers.checkpoint import export_model, load_checkpoint, save_checkpoint
 from trainers.flops import StepFlops, batch_stats, peak_flops
+from trainers.kernels import apply_kernels
 from trainers.loss import chunked_lm_loss
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class LoopConfig(StageConfig):
     log_every: int = Field(1, ge=1, description="log line every N steps")
     peak_tflops: float | None = Field(None, gt=0, description="MFU denominator override (TFLOP/s per device)")
     compile: bool = Field(False, description="torch.compile each transformer block (regional; GPU)")
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger's Triton RMSNorm/RoPE/SwiGLU in the LLM (CUDA, extra '.[gpu]')"
+    )
     tensorboard: bool = Field(True, description="TensorBoard event files in <out>/tb (rank 0)")
     export: bool = Field(True, description="save the consolidated model to <out>/model at the end")
 
@@ -386,6 +390,7 @@ def train_loop(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    apply_kernels(model, cfg.kernels)  # before compile: the compiled blocks trace the patched modules
     if cfg.compile:
         # Regional compilation: identical blocks share one compiled graph, so it compiles in seconds.
         for module in model.modules():
@@ -436,7 +441,7 @@ def train_loop(
             lr = scheduler.get_last_lr()[0]
             micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
             # On the device: NCCL reduces CUDA tensors only (gloo takes either).
-            local = torch.tensor([sum(c) for c in zip(*map(_count, micro))], dtype=torch.float64, device=device)
+            local = torch.tensor([sum(c) for c in zip(*map(_count, micro), strict=True)], dtype=torch.float64, device=device)
             dist.all_reduce(local)
             n_labels, n_tokens, n_sq, n_images = local.tolist()
             scale = cfg.grad_accum * world / max(n_labels, 1.0)

@@ -248,3 +248,14 @@ def test_fused_head_loss_with_a_frozen_head_gives_only_the_hidden_gradient():
     hidden.grad = None
     chunked_lm_loss(hidden, head, labels, w, 0).backward()
     assert head.weight.grad is None and torch.allclose(g, hidden.grad, atol=1e-6)
+
+
+def test_liger_kernels_off_gpu_fail_with_a_clear_message(tiny_lm, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA box runs tests/gpu/test_kernels_cuda.py instead")
+    with pytest.raises(RuntimeError, match="kernels=liger needs a CUDA GPU"):
+        train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(kernels="liger"), tmp_path, seed=0)
+    with pytest.raises(ValueError, match="kernels"):
+        _cfg(kernels="apex")
