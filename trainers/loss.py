@@ -61,8 +61,8 @@ def _fused_class():
         def backward(ctx, grad_out):  # noqa: ANN001
             grad_h, grad_w, grad_b = ctx.saved_tensors
             wd, bd = ctx.dtypes
-            scale = grad_out.float()
-            gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+            scale = grad_out.float()  # scaled in fp32: a bf16-rounded scale would bias every step's gradient
+            gh = (grad_h.float() * scale).to(grad_h.dtype) if grad_h is not None else None
             gw = (grad_w * scale).to(wd) if grad_w is not None else None
             gb = (grad_b * scale).to(bd) if grad_b is not None else None
             return gh, gw, gb, None, None, None
@@ -90,9 +90,20 @@ def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: in
     y = labels[:, 1:].reshape(-1)
     w = weights[:, 1:].reshape(-1).to(torch.float32)
     keep = (y != -100) & (w != 0)
+    if not bool(keep.any()):
+        # Nothing to learn here (a weight-0 filler sample, a prompt-only row), yet the head must still
+        # get its (zero) gradient: under ZeRO every rank fills the same gradient buckets in the same
+        # order, and a rank whose head saw no backward would desynchronise them. One token at weight 0.
+        keep = torch.zeros_like(keep)
+        keep[0] = True
+        y = torch.where(keep, y.clamp(min=0), y)
+        w = torch.zeros_like(w)
     h, y, w = h[keep], y[keep], w[keep]
-    if h.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph connected so every rank runs the same backward
+    vocab = getattr(head, "out_features", hidden.shape[-1])
+    bad = (y < 0) | (y >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"labels outside [0, {vocab}) (and not the ignore index -100): "
+                         f"{sorted(set(y[bad].tolist()))[:5]}")
 
     def piece(hc: Any, yc: Any, wc: Any) -> Any:
         logits = head(hc).float()

@@ -66,8 +66,8 @@ def test_exported_student_reloads_with_same_logits(tiny_student, sft_dir, tmp_pa
     assert (res.model_dir / "processor_config.json").exists() or (res.model_dir / "preprocessor_config.json").exists()
 
 
-def _agree(one: dict, two: dict, tol: float) -> None:
-    assert one["steps"] == two["steps"] == 4
+def _agree(one: dict, two: dict, tol: float, steps: int = 4) -> None:
+    assert one["steps"] == two["steps"] == steps
     for i, (a, b) in enumerate(zip(one["losses"], two["losses"], strict=True)):
         assert abs(a - b) < tol, f"step {i + 1}: 1 rank {a} vs 2 ranks {b}"
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -88,6 +88,16 @@ def test_torchrun_two_ranks_match_one_rank(tiny_student, sft_dir, tmp_path, stag
     _same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", 1e-5)
     steps = [json.loads(x) for x in (tmp_path / "two" / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
+
+
+def test_torchrun_two_ranks_agree_when_one_rank_gets_only_filler(tiny_student, sft_dir, tmp_path):
+    # 6 samples, global batch 8: rank 1's second micro-batch holds only weight-0 filler while rank 0's
+    # holds real samples; both ranks must still reduce the same gradient buckets
+    one = launch(_spec(tiny_student, sft_dir, tmp_path / "one", micro_batch=2, grad_accum=4, max_steps=2), "local")
+    two = launch(_spec(tiny_student, sft_dir, tmp_path / "two", micro_batch=2, grad_accum=2, max_steps=2),
+                 "torchrun", nproc=2)
+    _agree(one, two, 1e-5, steps=2)
+    _same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", 1e-5)
 
 
 @pytest.mark.slow

@@ -259,3 +259,43 @@ def test_liger_kernels_off_gpu_fail_with_a_clear_message(tiny_lm, tmp_path):
         train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(kernels="liger"), tmp_path, seed=0)
     with pytest.raises(ValueError, match="kernels"):
         _cfg(kernels="apex")
+
+
+def test_fused_head_loss_keeps_an_fp32_upstream_scale_in_bf16():
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 64, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(1, 200, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 64, (1, 200))
+    scale = 2.0 / 3  # rounds to 0.66797 in bf16: 0.2% off
+    (chunked_lm_loss(hidden, head, labels, torch.ones(1, 200), 64) * scale).backward()
+    h64 = hidden.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h64[0, :-1] @ head.weight.detach().double().t(), labels[0, 1:],
+                                            reduction="sum") * scale
+    ref.backward()
+    mask = h64.grad.abs() > 1e-9
+    ratio = (hidden.grad.double()[mask] / h64.grad[mask]).median()
+    assert abs(float(ratio) - 1.0) < 5e-4, float(ratio)
+
+
+def test_labels_outside_the_vocabulary_are_an_error_not_an_index():
+    import torch
+
+    head = torch.nn.Linear(8, 10, bias=False)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    for bad in (-1, 10):
+        labels = torch.tensor([[-100, 3, bad, 4, 2]])
+        with pytest.raises(ValueError, match=rf"labels outside \[0, 10\).*\[{bad}\]"):
+            chunked_lm_loss(hidden, head, labels, torch.ones(1, 5), 2)
+
+
+def test_a_row_without_labels_still_gives_the_head_a_gradient():
+    import torch
+
+    head = torch.nn.Linear(8, 10, bias=False)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    loss = chunked_lm_loss(hidden, head, torch.full((1, 5), -100), torch.ones(1, 5), 2)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0
