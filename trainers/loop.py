@@ -153,6 +153,11 @@ def deepspeed_config(cfg: LoopConfig, world: int, bf16: bool) -> dict:
     for k, v in auto.items():
         if raw.get(k, "auto") == "auto":
             raw[k] = v
+        elif raw[k] != v:
+            # The loop's data order, loss scaling and step count follow LoopConfig; a DeepSpeed value
+            # that differs would make DeepSpeed step (or clip) on a schedule the loop does not know.
+            raise ValueError(f"{path}: {k}={raw[k]!r} but the train config gives {v!r}; "
+                             f"set it to \"auto\" there, or change micro_batch/grad_accum/grad_clip in the config")
     raw.setdefault("bf16", {})
     if raw["bf16"].get("enabled", "auto") == "auto":
         raw["bf16"]["enabled"] = bf16

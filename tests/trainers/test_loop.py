@@ -157,6 +157,18 @@ def test_deepspeed_auto_values_filled():
         deepspeed_config(_cfg(zero_stage=3, deepspeed_config=str(Path("configs/deepspeed/zero2.json"))), 1, False)
 
 
+def test_deepspeed_json_values_that_contradict_the_config_are_refused(tmp_path):
+    ds = json.loads(Path("configs/deepspeed/zero2.json").read_text())
+    ds["gradient_accumulation_steps"] = 4
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=r"ds.json: gradient_accumulation_steps=4 but the train config gives 1"):
+        deepspeed_config(_cfg(grad_accum=1, deepspeed_config=str(path)), 1, False)
+    ds["gradient_accumulation_steps"] = 2  # explicit and equal: accepted
+    path.write_text(json.dumps(ds))
+    assert deepspeed_config(_cfg(grad_accum=2, deepspeed_config=str(path)), 1, False)["gradient_accumulation_steps"] == 2
+
+
 def test_epoch_order_is_a_seeded_permutation():
     a, b = epoch_order(10, 3, 0), epoch_order(10, 3, 0)
     assert a == b and sorted(a) == list(range(10))
