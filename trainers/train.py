@@ -176,7 +176,8 @@ def drop_bad_images(table: pa.Table) -> tuple[pa.Table, list[str]]:
     for i, imgs in enumerate(images):
         try:
             for k, rec in enumerate(imgs or []):
-                image_record(rec["bytes"], where=f"sample {ids[i]!r} image {k}")
+                # every pixel, as the collator will: intact containers can still hold corrupt image data
+                image_record(rec["bytes"], where=f"sample {ids[i]!r} image {k}", check="full")
             keep.append(i)
         except ImageError as e:
             log.warning("train: dropping %s", e)

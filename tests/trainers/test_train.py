@@ -131,3 +131,21 @@ def test_train_stage_fails_clearly_when_nothing_is_left(tiny_student, sft_dir, t
     ctx = _ctx(tmp_path, run_cfg, "train", 0, {"sft": [sft_dir]})
     with pytest.raises(ValueError, match="no SFT samples left.*tau=9.0"):
         run(cfg, ctx)
+
+
+def test_check_images_decodes_pixels_not_only_the_container(sft_rows):
+    import struct
+    import zlib
+
+    from trainers.train import drop_bad_images
+
+    good = dict(sft_rows[1])  # one image
+    png = bytearray(good["images"][0]["bytes"])
+    i = png.find(b"IDAT")
+    n = struct.unpack(">I", png[i - 4 : i])[0]
+    for k in range(i + 24, i + 44):  # damage the compressed pixels, then make the chunk CRC valid again
+        png[k] ^= 0xFF
+    png[i + 4 + n : i + 8 + n] = struct.pack(">I", zlib.crc32(bytes(png[i : i + 4 + n])) & 0xFFFFFFFF)
+    bad = dict(good, sample_id="s-pixels", images=[dict(good["images"][0], bytes=bytes(png))])
+    kept, dropped = drop_bad_images(pa.Table.from_pylist([good, bad], schema=SFT))
+    assert dropped == ["s-pixels"] and kept.column("sample_id").to_pylist() == [good["sample_id"]]
