@@ -19,7 +19,9 @@ import json
 import os
 import platform
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,13 @@ class ShardWriter:
 
     `resume=True` keeps the shards already in `directory` and numbers new ones after them; otherwise
     the directory's shards are removed first. Use as a context manager, or call close().
+
+    `row_group_bytes` streams each shard to its tmp file in row groups of about that many (Arrow)
+    bytes, encoded and compressed on one background thread while the caller produces the next rows
+    (Parquet encoding releases the GIL), and keeps only a few row groups in memory instead of a whole
+    shard. Meant for image tables, where compression is most of a stage's write time; shards still
+    hold exactly `rows_per_shard` rows and appear under their real name only when complete. A failed
+    background write is raised by the next write/flush/close.
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class ShardWriter:
         table: str,
         rows_per_shard: int = 50_000,
         resume: bool = False,
+        row_group_bytes: int | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +103,12 @@ class ShardWriter:
         self._pending: list[dict] = []
         self._buffered = 0
         self.rows_written = 0
+        self.row_group_bytes = row_group_bytes
+        self._buf_bytes = 0  # Arrow bytes buffered (streaming mode)
+        self._open_rows = 0  # rows already sent to the shard being streamed
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: deque[Future] = deque()
+        self._pw: pq.ParquetWriter | None = None  # the streamed shard's writer; background thread only
         for tmp in self.dir.glob(".tmp-*"):
             tmp.unlink()
         existing = sorted(self.dir.glob(SHARD_GLOB))
@@ -114,8 +130,13 @@ class ShardWriter:
             rows = pa.Table.from_batches([rows])
         if rows.num_rows == 0:
             return
-        self._buf.append(conform(rows, self.schema))
+        rows = conform(rows, self.schema)
+        self._buf.append(rows)
         self._buffered += rows.num_rows
+        if self.row_group_bytes:
+            self._buf_bytes += rows.nbytes
+            self._stream()
+            return
         while self._buffered >= self.rows_per_shard:
             self._emit(self.rows_per_shard)
 
@@ -124,12 +145,18 @@ class ShardWriter:
             rows, self._pending = self._pending, []
             self.write(pa.Table.from_pylist(rows, schema=self.schema.remove_metadata()))
 
-    def _emit(self, n: int) -> None:
-        """Write the first n buffered rows as the next shard (tmp name, then rename)."""
+    def _take(self, n: int) -> pa.Table:
+        """The first n buffered rows, removed from the buffer."""
         table = pa.concat_tables(self._buf)
         head, rest = table.slice(0, n), table.slice(n)
         self._buf = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows
+        self._buf_bytes = rest.nbytes if rest.num_rows else 0
+        return head
+
+    def _emit(self, n: int) -> None:
+        """Write the first n buffered rows as the next shard (tmp name, then rename)."""
+        head = self._take(n)
         name = f"part-{self._next:05d}.parquet"
         tmp = self.dir / f".tmp-{name}"
         pq.write_table(head.replace_schema_metadata(self.schema.metadata), tmp, compression="zstd")
@@ -138,16 +165,86 @@ class ShardWriter:
         self._next += 1
         self.rows_written += head.num_rows
 
+    # ---- streaming mode (row_group_bytes): the background thread owns self._pw
+
+    def _stream(self, final: bool = False) -> None:
+        """Send row groups that are due; close the shard once it holds rows_per_shard rows."""
+        while self._buffered:
+            room = self.rows_per_shard - self._open_rows
+            if self._buffered >= room:
+                self._send(room, last=True)
+            elif final or self._buf_bytes >= self.row_group_bytes:
+                self._send(self._buffered, last=final)
+            else:
+                return
+        if final and self._open_rows:
+            self._send(0, last=True)
+
+    def _send(self, n: int, last: bool) -> None:
+        name = f"part-{self._next:05d}.parquet"
+        if n:
+            self._submit(self._write_group, name, self._take(n))
+            self._open_rows += n
+        if last:
+            self._submit(self._finish_shard, name)
+            self.files.append(name)
+            self._next += 1
+            self.rows_written += self._open_rows
+            self._open_rows = 0
+
+    def _submit(self, fn, *args) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shards-{self.table}")
+        self._jobs.append(self._pool.submit(fn, *args))
+        # at most a few row groups in flight; a failed write surfaces here, in the caller's thread
+        while len(self._jobs) > 3 or (self._jobs and self._jobs[0].done()):
+            self._jobs.popleft().result()
+
+    def _drain(self) -> None:
+        while self._jobs:
+            self._jobs.popleft().result()
+
+    def _write_group(self, name: str, table: pa.Table) -> None:
+        if self._pw is None:
+            # small row groups would dictionary-encode every encoded image/blob (one hash table per
+            # group, never a repeat): dictionaries only for flat text/number columns
+            flat = [f.name for f in self.schema if not pa.types.is_nested(f.type) and not pa.types.is_binary(f.type)]
+            self._pw = pq.ParquetWriter(self.dir / f".tmp-{name}", self.schema, compression="zstd", use_dictionary=flat)
+        self._pw.write_table(table)
+
+    def _finish_shard(self, name: str) -> None:
+        pw, self._pw = self._pw, None
+        pw.close()
+        os.replace(self.dir / f".tmp-{name}", self.dir / name)
+
+    def _shutdown(self) -> None:
+        """Stop the background thread. After an error the open shard stays a tmp file (the next writer
+        on this directory removes it); pending row groups are dropped."""
+        if self._pool is not None:
+            for job in self._jobs:
+                job.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool, self._jobs = None, deque()
+        if self._pw is not None:
+            self._pw.close()
+            self._pw = None
+
     def flush(self) -> None:
         """Write everything buffered (the last shard may be short)."""
         self._convert_pending()
-        if self._buffered:
+        if self.row_group_bytes:
+            self._stream(final=True)
+            self._drain()
+        elif self._buffered:
             self._emit(self._buffered)
 
     def close(self) -> None:
         """Flush; a table that received no rows still gets one empty shard carrying its schema, so
         downstream stages and `pl.scan_parquet` read an empty table instead of a missing one."""
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._shutdown()
         if not self.files:
             self._buf = [self.schema.remove_metadata().empty_table()]
             self._emit(0)
@@ -158,6 +255,8 @@ class ShardWriter:
     def __exit__(self, exc_type, *_exc) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self._shutdown()
 
 
 def shard_files(directory: Path) -> list[Path]:
