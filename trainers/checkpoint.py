@@ -1,8 +1,8 @@
 """Checkpoints and export for trainers/loop.py: DeepSpeed state + data position + RNG, and the final model.
 
 A checkpoint is `<out>/checkpoints/step-NNNNNNN/` (DeepSpeed's model/optimizer/scheduler shards plus
-`rng-rank<r>.pt`) and DeepSpeed's `latest` file, written after every shard: its presence marks a complete
-checkpoint. The data position (epoch, next sample index, order seed, samples seen) rides in DeepSpeed's
+`rng-rank<r>.pt`) and the `latest` pointer, which rank 0 writes (tmp name + rename) only after a barrier
+that every rank reaches once its shards are on disk: the tag it names is a complete checkpoint. The data position (epoch, next sample index, order seed, samples seen) rides in DeepSpeed's
 client state. Export consolidates ZeRO-3 partitions, merges LoRA adapters and calls `save_pretrained`.
 """
 
@@ -46,10 +46,13 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, position: dict, rank
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng-rank{rank}.pt")
     dist.barrier()
-    # DeepSpeed writes `latest` only after every shard is saved: its presence marks a complete checkpoint.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"position": position})
+    # DeepSpeed's own `latest` can land before another rank's shards; ours is written after all of them.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"position": position}, save_latest=False)
     dist.barrier()
     if rank == 0:
+        tmp = ckpt_dir / ".latest.tmp"
+        tmp.write_text(tag)
+        tmp.replace(ckpt_dir / "latest")
         tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -311,3 +311,22 @@ def test_a_row_without_labels_still_gives_the_head_a_gradient():
     loss.backward()
     assert float(loss) == 0.0
     assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0
+
+
+def test_latest_names_a_checkpoint_only_after_deepspeed_has_written_it(tiny_lm, tmp_path, monkeypatch):
+    import deepspeed
+
+    seen = []
+    original = deepspeed.DeepSpeedEngine.save_checkpoint
+
+    def watched(self, save_dir, tag=None, **kw):
+        out = original(self, save_dir, tag=tag, **kw)
+        latest = Path(save_dir) / "latest"
+        # DeepSpeed has returned on this rank; other ranks may still be writing: not yet published
+        seen.append((tag, latest.read_text() if latest.exists() else None))
+        return out
+
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", watched)
+    train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(max_steps=3, save_every=1), tmp_path, seed=0)
+    assert seen == [("step-0000001", None), ("step-0000002", "step-0000001")]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-0000002"
