@@ -12,7 +12,8 @@ counted. Rows without an answer, unreadable JSON lines and unreadable records ar
 
 Throughput (benchmarks/ingest.py): Parquet encoding and zstd are most of the cost, so `problems` is
 streamed to its shard in ~2 MiB row groups compressed on a background thread while the next rows are
-read; each image file is read once and its bytes flow unchanged into the Arrow column.
+read. Each image file is read once (its bytes are copied once more, into the Arrow column), and plain
+JPEG headers are checked without PIL's Python header parser (pipeline.images).
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class IngestConfig(StageConfig):
     image_threads: int = Field(
         1,
         ge=1,
-        description="threads reading and checking images; 1 = in the reading thread, which is fastest unless "
-        "images are large (MBs each), as header checks hold the GIL and the shard writer needs a core",
+        description="threads reading and checking images; 1 = in the reading thread, the fastest measured "
+        "(benchmarks/ingest.py): header checks hold the GIL and the shard writer uses the other core",
     )
     rows_per_shard: int = Field(5000, ge=1)
 
