@@ -130,25 +130,30 @@ def _attention(part: Part, sq: float, backward: bool) -> float:
 
 
 def batch_stats(batch: dict) -> tuple[int, int, int]:
-    """(text tokens, sum of squared sample lengths, images) of a collated batch; padding not counted.
+    """(text tokens, sum of squared sample lengths, images) of a sample or a collated batch.
 
     Packed rows (position_ids restarting at 0) count each sample's own length; padded rows their
-    attention_mask length.
+    attention_mask length; 1-D tensors are one row. Pass samples before collation to leave out the
+    padding a collator adds.
     """
-    ids = batch["input_ids"]
+    import torch
+
+    def rows(x: Any) -> Any:
+        x = torch.as_tensor(x)
+        return x.unsqueeze(0) if x.dim() == 1 else x
+
+    ids = rows(batch["input_ids"])
     pos, mask = batch.get("position_ids"), batch.get("attention_mask")
-    lengths: list[int] = []
     if pos is not None:
-        for row in pos.tolist():
-            run = 0
-            for i, p in enumerate(row):
-                if p == 0 and i > 0:
-                    lengths.append(run)
-                    run = 0
-                run += 1
-            lengths.append(run)
+        pos = rows(pos)
+        lengths = []
+        for row in pos:
+            starts = torch.nonzero(row == 0).flatten().tolist()
+            if not starts or starts[0] != 0:
+                starts = [0, *starts]
+            lengths += [b - a for a, b in zip(starts, [*starts[1:], row.numel()], strict=True)]
     elif mask is not None:
-        lengths = [int(x) for x in mask.sum(dim=1).tolist()]
+        lengths = [int(x) for x in rows(mask).sum(dim=1).tolist()]
     else:
         lengths = [int(ids.shape[1])] * int(ids.shape[0])
     pix = batch.get("pixel_values")

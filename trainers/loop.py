@@ -359,9 +359,24 @@ def _weighted(sample: dict, w: float) -> dict:
     return s
 
 
-def _count(batch: dict) -> list[float]:
-    """[labelled tokens, text tokens, sum of squared sample lengths, images] of a batch (no padding)."""
-    return [float((batch["labels"] != -100).sum()), *map(float, batch_stats(batch))]
+def _count(micro_samples: list[list[tuple[dict, float]]]) -> list[float]:
+    """[labelled tokens, text tokens, sum of squared sample lengths, images] of a rank's step.
+
+    Counted on the samples before collation, so padding is left out; so are weight-0 filler samples
+    (computed only to keep ranks in step, they are not throughput).
+    """
+    import torch
+
+    out = [0.0, 0.0, 0.0, 0.0]
+    for samples in micro_samples:
+        for s, w in samples:
+            if w == 0.0:
+                continue
+            labels = s["labels"]
+            out[0] += float((torch.as_tensor(labels) != -100).sum())
+            for k, v in enumerate(batch_stats(s), start=1):
+                out[k] += float(v)
+    return out
 
 
 def train_loop(
@@ -444,9 +459,10 @@ def train_loop(
             epoch, next_index, mine, real = next(batches)
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            micro = [data.collate([_weighted(data.dataset[i], w) for i, w in mb]) for mb in mine]
+            samples = [[(data.dataset[i], w) for i, w in mb] for mb in mine]
+            micro = [data.collate([_weighted(s, w) for s, w in mb]) for mb in samples]
             # On the device: NCCL reduces CUDA tensors only (gloo takes either).
-            local = torch.tensor([sum(c) for c in zip(*map(_count, micro), strict=True)], dtype=torch.float64, device=device)
+            local = torch.tensor(_count(samples), dtype=torch.float64, device=device)
             dist.all_reduce(local)
             n_labels, n_tokens, n_sq, n_images = local.tolist()
             scale = cfg.grad_accum * world / max(n_labels, 1.0)

@@ -77,3 +77,18 @@ def test_packed_rows_count_each_samples_own_attention():
               "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
               "pixel_values": torch.zeros(3, 3, 8, 8)}
     assert batch_stats(padded) == (10, 36 + 16, 3)
+
+
+def test_throughput_counts_leave_out_collator_padding_and_filler(sft_rows):
+    from trainers.data import SFTCollator, pack
+    from trainers.loop import _count
+
+    a = {"input_ids": torch.arange(5), "labels": torch.tensor([-100, -100, 1, 2, 3]),
+         "loss_weights": torch.ones(5), "position_ids": torch.arange(5)}
+    b = {"input_ids": torch.arange(3), "labels": torch.tensor([-100, 4, 5]), "loss_weights": torch.ones(3),
+         "position_ids": torch.arange(3)}
+    bin1, bin2 = pack([a, b]), pack([b])
+    collated = SFTCollator(pad_token_id=0)([bin1, bin2])  # bin2 padded with a 5-token block of its own
+    assert tuple(collated["input_ids"].shape) == (2, 8)
+    assert _count([[(bin1, 1.0), (bin2, 1.0)]]) == [7.0, 11.0, 25 + 9 + 9, 0.0]
+    assert _count([[(bin1, 1.0)], [(bin2, 0.0)]]) == [5.0, 8.0, 25 + 9, 0.0]  # weight 0: filler
