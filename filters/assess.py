@@ -91,7 +91,7 @@ class JudgeConfig(StageConfig):
     """An optional judge model, called through any teacher engine (teachers.engines.make_engine)."""
 
     engine: dict[str, Any] = Field(description="teacher engine section, e.g. {kind: openai, model: ..., base_url: ...}")
-    rubric_file: str | None = Field(None, description="rubric prompt file (default: filters/prompts/judge_rubric.md)")
+    rubric_file: str = Field("judge_rubric.md", description="rubric prompt file: a path, or a name in filters/prompts/")
     weight: float = Field(1.0, ge=0.0, le=1.0, description="share of the judge in each score (rest: heuristics)")
     max_retries: int = Field(2, ge=0, le=10, description="re-asks after a malformed reply (with the error quoted)")
     temperature: float = Field(0.0, ge=0.0, description="judge sampling temperature (retries add 0.3 each)")

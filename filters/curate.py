@@ -62,7 +62,7 @@ class CurateConfig(StageConfig):
         0.25, ge=0.0, description="qualities within this of a tier's best tie (then the shorter chain wins); 0 = exact"
     )
     require_correct: bool = Field(True, description="only verdict == 'correct' chains are eligible")
-    system_prompt_file: str | None = Field(None, description="system prompt file (default: filters/prompts/sft_system.txt)")
+    system_prompt_file: str = Field("sft_system.txt", description="system prompt file: a path, or a name in filters/prompts/")
 
 
 # --- prompt rendering (shared with trainers' evaluate) ------------------------------------------------
@@ -72,6 +72,8 @@ _IMAGE_TAG = re.compile(r"<image\s*(\d*)>", re.IGNORECASE)
 
 def system_prompt(cfg: CurateConfig | None = None) -> str:
     p = Path(cfg.system_prompt_file) if cfg is not None and cfg.system_prompt_file else DEFAULT_SYSTEM_PROMPT
+    if not p.exists() and (DEFAULT_SYSTEM_PROMPT.parent / p).is_file():
+        p = DEFAULT_SYSTEM_PROMPT.parent / p
     if not p.exists():
         raise FileNotFoundError(f"curate.system_prompt_file: {p} not found")
     return p.read_text().strip()

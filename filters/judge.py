@@ -122,6 +122,8 @@ def judge_messages(problem: dict[str, Any], rubric: str, text_only: bool = False
 
 def load_rubric(path: str | None) -> str:
     p = Path(path) if path else DEFAULT_RUBRIC
+    if path and not p.exists() and (PROMPTS / path).is_file():
+        p = PROMPTS / path
     if not p.exists():
         raise FileNotFoundError(f"assess.judge.rubric_file: {p} not found")
     return p.read_text()

@@ -74,7 +74,8 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="prompts per generate call (hf)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
-    system_prompt_file: str | None = Field(None, description="default: the curate stage's system prompt")
+    system_prompt_file: str = Field("sft_system.txt", description="system prompt: a path, or a name in "
+                                    "filters/prompts/ (the curate stage's default)")
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
 
 

@@ -160,3 +160,20 @@ def test_editing_a_prompt_file_makes_the_step_stale(tmp_path):
     assert _file_contents(tree) != before
     # a name inside the packages' prompts/ folders resolves too
     assert _file_contents({"prompt_file": "caption.txt"})
+
+
+def test_default_prompt_files_are_part_of_the_fingerprint(tmp_path):
+    from filters.assess import AssessConfig
+    from filters.curate import CurateConfig, system_prompt
+    from filters.judge import load_rubric
+    from pipeline.runner import _file_contents
+    from trainers.evaluate import EvaluateConfig
+
+    curate, evaluate = CurateConfig(), EvaluateConfig()
+    assess = AssessConfig(judge={"engine": {"kind": "scripted"}})
+    assert set(_file_contents(curate.model_dump())) == {"sft_system.txt"}
+    assert set(_file_contents(evaluate.model_dump())) == {"sft_system.txt"}
+    assert "judge_rubric.md" in _file_contents(assess.model_dump())
+    # the names resolve to the files the stages read
+    assert system_prompt(curate) == (REPO / "filters" / "prompts" / "sft_system.txt").read_text().strip()
+    assert load_rubric(assess.judge.rubric_file) == (REPO / "filters" / "prompts" / "judge_rubric.md").read_text()
