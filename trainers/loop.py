@@ -379,6 +379,17 @@ def _count(micro_samples: list[list[tuple[dict, float]]]) -> list[float]:
     return out
 
 
+def _read_steps(path: Path) -> list[dict]:
+    """The step records of a killed run; a line torn by the kill (the last one) is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: skipping a torn line %r", path, line[:80])
+    return out
+
+
 def train_loop(
     model: Any,
     data: LoopData,
@@ -443,7 +454,7 @@ def train_loop(
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
-                records = [r for r in map(json.loads, steps_log.read_text().splitlines()) if r["step"] <= step]
+                records = [r for r in _read_steps(steps_log) if r["step"] <= step]
             steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

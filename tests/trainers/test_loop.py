@@ -206,6 +206,8 @@ def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
     ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000006" / "mp_rank_00_model_states.pt",
                       weights_only=False)
     assert ckpt["position"]["epoch"] == 1 and ckpt["position"]["index"] == 8
+    with open(tmp_path / "cut" / "steps.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 2, "lo')  # a line the kill tore in half
     resumed = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3), tmp_path / "cut", seed=5)
     assert resumed.steps == 12 and len(resumed.losses) == 12
     for i, (a, b) in enumerate(zip(full.losses, resumed.losses, strict=True)):
