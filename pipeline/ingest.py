@@ -343,6 +343,11 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
         diff = int(diff) if diff is not None else None
     except (TypeError, ValueError):
         diff = None
+    subject = _get(row, c.subject)
+    if isinstance(subject, (int, float)) and not isinstance(subject, bool):
+        subject = str(subject)  # a numeric category code is still a label
+    elif subject is not None and not isinstance(subject, str):
+        raise RowError("bad_row", f"{ref}: column {c.subject!r} is a {type(subject).__name__}, not a string")
     question = question.strip()
     pid = problem_id(question, [im["bytes"] for im in images], answer)
     needs = row.get("needs_image")
@@ -355,7 +360,7 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
         "answer_text": answer_text,
         "answer_type": atype,
         "source": src.label(),
-        "subject": _get(row, c.subject),
+        "subject": subject,
         "difficulty": diff,
         "needs_image": bool(needs) if needs is not None else (bool(images) or None),
         "source_ref": f"{ref} id={row.get(c.id)}" if c.id and row.get(c.id) is not None else ref,

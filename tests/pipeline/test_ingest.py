@@ -193,14 +193,20 @@ def test_malformed_rows_and_decompression_bombs_are_quarantined(tmp_path, ray_lo
         {"question": "choices not a list", "answer": "A", "choices": 5},
         {"question": "image is a number", "answer": "1", "images": [5]},
         {"question": "bomb", "answer": "1", "images": "bomb.png"},
+        {"question": "numeric subject", "answer": "2", "subject": 7},
+        {"question": "subject is a list", "answer": "3", "subject": ["algebra"]},
     ])
     cfg = write_config(tmp_path, {"ingest": {"sources": [{"kind": "jsonl", "path": str(path)}]}})
     runner, res = run_config(cfg)
     m = res["ingest"]
-    assert (m.rows_in, m.kept) == (4, 1)
-    assert m.quarantined == {"bad_row": 1, "missing_image": 1, "corrupt_image": 1}
-    errors = {q["reason"]: q["error"] for q in read_rows(runner.run_dir / "ingest" / "quarantine")}
-    assert f"{path}:2" in errors["bad_row"] and "bomb.png" in errors["corrupt_image"]
+    assert (m.rows_in, m.kept) == (6, 2)
+    assert m.quarantined == {"bad_row": 2, "missing_image": 1, "corrupt_image": 1}
+    errors = [(q["reason"], q["error"]) for q in read_rows(runner.run_dir / "ingest" / "quarantine")]
+    assert any(r == "bad_row" and f"{path}:2" in e for r, e in errors)
+    assert any(r == "bad_row" and f"{path}:6" in e and "'subject'" in e for r, e in errors)
+    assert any(r == "corrupt_image" and "bomb.png" in e for r, e in errors)
+    kept = {p["question"]: p["subject"] for p in read_rows(runner.run_dir / "ingest")}
+    assert kept["numeric subject"] == "7", kept
 
 
 def test_replacing_an_image_changes_the_fingerprint(tmp_path):
