@@ -13,7 +13,9 @@ the matmuls the step needs, not what it happens to run (recompute is not counted
 - attention: 4 x layers x hidden x s FLOPs per token forward for a sequence of s tokens (QK^T and AV),
   doubled in backward; packed rows count each sample's own length, so s^2 is summed per sample;
 - the input embedding is a lookup (no FLOPs); a tied embedding is counted once, as the LM head; the
-  vision encoder's pooling head is left out (the projector takes the patch features, not its output).
+  vision encoder's pooling head is left out (the projector takes the patch features, not its output);
+  the LM head counts on every text token, as 6N does, though the fused loss runs it only where a
+  token has a label (prompt-heavy data makes the figure a little generous).
 
 Parameters under ZeRO-3 report numel 0 once partitioned; `ds_numel` is used then.
 """
