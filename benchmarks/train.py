@@ -160,7 +160,9 @@ def run_baseline(shape: dict, data: Samples, args, device, dtype) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     engine.train()
     # every sample has the same shape: one step's model FLOPs are grad_accum times one sample's
-    step_flops = args.grad_accum * StepFlops.of(model).step(*batch_stats(data.collate([data[0]])))
+    one = data.collate([data[0]])
+    labelled = float((one["labels"] != -100).sum())
+    step_flops = args.grad_accum * StepFlops.of(model).step(*batch_stats(one), labelled)
     peak = peak_flops(None, device)
     times, k = [], 0
     for step in range(args.warmup + args.steps):

@@ -14,8 +14,7 @@ the matmuls the step needs, not what it happens to run (recompute is not counted
   doubled in backward; packed rows count each sample's own length, so s^2 is summed per sample;
 - the input embedding is a lookup (no FLOPs); a tied embedding is counted once, as the LM head; the
   vision encoder's pooling head is left out (the projector takes the patch features, not its output);
-  the LM head counts on every text token, as 6N does, though the fused loss runs it only where a
-  token has a label (prompt-heavy data makes the figure a little generous).
+  the LM head counts only on tokens with a label (the fused loss computes no logits elsewhere).
 
 Parameters under ZeRO-3 report numel 0 once partitioned; `ds_numel` is used then.
 """
@@ -65,6 +64,7 @@ class StepFlops:
     text: Part
     vision: Part
     projector: Part
+    head: Part
     patches_per_image: int
     tokens_per_image: int
 
@@ -78,7 +78,8 @@ class StepFlops:
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         emb_w = getattr(emb, "weight", None)
         tied = emb_w is not None and head is not None and getattr(head, "weight", None) is emb_w
-        sums = {"text": [0, 0], "vision": [0, 0], "projector": [0, 0]}
+        head_w = getattr(head, "weight", None)
+        sums = {"text": [0, 0], "vision": [0, 0], "projector": [0, 0], "head": [0, 0]}
         seen: set[int] = set()
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in seen:
@@ -88,7 +89,8 @@ class StepFlops:
                 continue  # a lookup; the separate lm_head weight carries the output matmul
             if any(k + ".head." in name for k in VISION_KEYS):
                 continue  # the encoder's pooling head (SigLIP's): its pooled vector feeds nothing
-            part = ("vision" if any(k in name for k in VISION_KEYS)
+            part = ("head" if head_w is not None and p is head_w
+                    else "vision" if any(k in name for k in VISION_KEYS)
                     else "projector" if any(k in name for k in PROJECTOR_KEYS) else "text")
             sums[part][0] += _numel(p)
             sums[part][1] += _numel(p) if p.requires_grad else 0
@@ -105,15 +107,18 @@ class StepFlops:
             text=Part(*sums["text"], getattr(tc, "num_hidden_layers", 0) or 0, getattr(tc, "hidden_size", 0) or 0),
             vision=Part(*sums["vision"], getattr(vc, "num_hidden_layers", 0) or 0, getattr(vc, "hidden_size", 0) or 0),
             projector=Part(*sums["projector"]),
+            head=Part(*sums["head"]),
             patches_per_image=patches,
             tokens_per_image=tokens,
         )
 
-    def step(self, text_tokens: float, text_sq: float, images: float) -> float:
+    def step(self, text_tokens: float, text_sq: float, images: float, labelled: float | None = None) -> float:
         """FLOPs of a step: `text_tokens` LLM tokens, `text_sq` the sum of squared sample lengths,
-        `images` images (or tiles) through the vision encoder."""
+        `images` images (or tiles) through the vision encoder, `labelled` tokens with a label (the LM
+        head's tokens; default: every text token)."""
         vision_grad = self.vision.trains  # a gradient flows back through the encoder only if it trains
         f = _weights(self.text, text_tokens, act_grad=True)
+        f += _weights(self.head, text_tokens if labelled is None else labelled, act_grad=True)
         f += _attention(self.text, text_sq, backward=True)
         patches = images * self.patches_per_image
         f += _weights(self.vision, patches, act_grad=vision_grad)

@@ -492,7 +492,7 @@ def train_loop(
             loss = float(loss_sum) / max(n_labels, 1.0)
             losses.append(loss)
             tok_s = n_tokens / dt
-            mfu = flops.step(n_tokens, n_sq, n_images) / dt / peak
+            mfu = flops.step(n_tokens, n_sq, n_images, n_labels) / dt / peak
             gn = engine.get_global_grad_norm()
             rec = {
                 "step": step,

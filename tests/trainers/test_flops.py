@@ -92,3 +92,22 @@ def test_throughput_counts_leave_out_collator_padding_and_filler(sft_rows):
     assert tuple(collated["input_ids"].shape) == (2, 8)
     assert _count([[(bin1, 1.0), (bin2, 1.0)]]) == [7.0, 11.0, 25 + 9 + 9, 0.0]
     assert _count([[(bin1, 1.0)], [(bin2, 0.0)]]) == [5.0, 8.0, 25 + 9, 0.0]  # weight 0: filler
+
+
+def test_the_head_counts_only_on_labelled_tokens_as_the_fused_loss_runs_it(tiny_student):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainers.flops import StepFlops, batch_stats
+    from trainers.loop import make_loss_module
+
+    model, _ = _student(tiny_student)
+    batch = _batch(model, 96)
+    batch["labels"][0, :60] = -100  # a long prompt: no loss there
+    loss_module = make_loss_module(model, chunk=16, zero_stage=2)
+    with FlopCounterMode(display=False) as fc:
+        loss_module(dict(batch)).backward()
+    labelled = float((batch["labels"] != -100).sum())
+    sf = StepFlops.of(model)
+    ours = sf.step(*batch_stats(batch), labelled)
+    assert ours == pytest.approx(fc.get_total_flops(), rel=0.03), (ours, fc.get_total_flops())
+    assert ours < sf.step(*batch_stats(batch))  # counting the head on every token would over-count
