@@ -305,7 +305,9 @@ def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
     import ray
 
     blocks = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
-    ds = ray.data.from_arrow(blocks)
+    # from_blocks reads each block's metadata here; from_arrow sends one Ray task per block for it, and
+    # those tasks take the worker processes (and the start-up seconds) the engine actor is waiting for.
+    ds = ray.data.from_blocks(blocks)
     if cfg.engine.kind == "vllm":
         from teachers.engines.vllm import vllm_processor
 
