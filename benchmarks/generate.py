@@ -99,6 +99,7 @@ def bench_hf_cpu(args: argparse.Namespace) -> dict:
         return {"s": time.perf_counter() - t0, "tokens": m.metrics["completion_tokens"],
                 "steady": m.metrics["steady_tokens_per_s"], "startup_s": m.metrics["startup_s"]}
 
+    load_before = os.getloadavg()[0]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     bare_runs, stage_runs = [], []
@@ -116,12 +117,17 @@ def bench_hf_cpu(args: argparse.Namespace) -> dict:
            "stage_s": round(st["s"], 2), "stage_startup_s": st["startup_s"],
            "bare_tok_s": round(tokens / b["s"], 1), "stage_tok_s": round(tokens / st["s"], 1),
            "ratio_end_to_end": round(b["s"] / st["s"], 3),
+           # What the stage costs on top of the bare loop: worker process, imports, Ray Data, writes.
+           "stage_overhead_s": round(st["s"] - b["s"], 2),
            "bare_steady_tok_s": round(b_steady, 1), "stage_steady_tok_s": round(st_steady, 1),
-           "ratio_steady": round(st_steady / b_steady, 3)}
+           "ratio_steady": round(st_steady / b_steady, 3),
+           # 1-minute load average before and after: another process on the 2 cores skews both sides.
+           "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(f"hf cpu | {len(reqs)} requests | {tokens} tokens | end to end: bare {out['bare_tok_s']} tok/s, stage "
-          f"{out['stage_tok_s']} tok/s (start-up {st['startup_s']:.1f}s), ratio {out['ratio_end_to_end']} | "
+          f"{out['stage_tok_s']} tok/s (start-up {st['startup_s']:.1f}s, overhead {out['stage_overhead_s']:.1f}s), "
+          f"ratio {out['ratio_end_to_end']} | "
           f"steady: bare {out['bare_steady_tok_s']} tok/s, stage {out['stage_steady_tok_s']} tok/s, "
-          f"ratio {out['ratio_steady']}")
+          f"ratio {out['ratio_steady']} | load {out['loadavg'][0]} -> {out['loadavg'][1]}")
     return out
 
 

@@ -206,9 +206,13 @@ class GenerateWorker:
     def __init__(self, engine: dict[str, Any], env: dict[str, str] | None = None) -> None:
         # Secrets (the API key named by api_key_env) travel from the driver's environment to the
         # worker's; they are constructor arguments, never row data, manifests or logs.
+        t0 = time.perf_counter()
         for k, v in (env or {}).items():
             os.environ.setdefault(k, v)
         self.engine = make_engine(engine_config(engine))
+        # In a fresh worker process this is mostly import time (torch + transformers take seconds on
+        # CPU): the fixed start-up a short run pays that an in-process loop does not.
+        log.info("generate worker: %s engine ready in %.2fs", engine.get("kind"), time.perf_counter() - t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, requests = [], []
@@ -322,7 +326,9 @@ def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None,
         )
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # No prefetch: with one batch prefetched, each batch reached the driver only once the next was done,
+    # a worker call late (for the first batch, for the shard writes and for what a kill loses).
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield conform(batch, WORKER_OUT)
 
 
