@@ -196,7 +196,9 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
     model = build_student(shape, device, dtype)
     cfg = LoopConfig(
         zero_stage=variant["zero"], precision="bf16" if device.type == "cuda" else "fp32", lr=1e-5, warmup_ratio=0.0,
-        micro_batch=1, grad_accum=args.grad_accum, max_steps=args.warmup + args.steps, save_every=0,
+        # 'b': the step's samples in one micro-batch (same global batch, larger kernels, fewer micro-steps)
+        micro_batch=args.grad_accum if variant["batched"] else 1, grad_accum=1 if variant["batched"] else args.grad_accum,
+        max_steps=args.warmup + args.steps, save_every=0,
         gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
         loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
         kernels=variant["kernels"],
@@ -221,6 +223,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         "recompute_every": recompute,
         "compile": variant["compile"],
         "kernels": variant["kernels"],
+        "micro_batch": cfg.micro_batch,
         "final_loss": res.losses[-1],
     }
 
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--variants", default=None,
-                    help="our configurations, comma-separated z<stage>[c][l] (c = compiled, l = Liger kernels); "
+                    help="our configurations, comma-separated z<stage>[c][l][b] (c = compiled, l = Liger kernels, "
+                         "b = one micro-batch of grad-accum samples); "
                          "default GPU 'z2,z1,z2l,z1c,z1l,z0', CPU 'z2'")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--profile", type=int, default=0,
@@ -341,13 +345,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def parse_variant(spec: str) -> dict:
-    """'z2' = ZeRO-2; then flags: 'c' regional torch.compile, 'l' Liger kernels: 'z1lc' = ZeRO-1, Liger,
-    compiled."""
+    """'z2' = ZeRO-2; then flags: 'c' regional torch.compile, 'l' Liger kernels, 'b' all of a step's
+    samples in one micro-batch: 'z1lcb' = ZeRO-1, Liger, compiled, micro-batch = grad-accum samples."""
     spec = spec.strip()
     head, flags = spec[:2], spec[2:]
-    if not (head[:1] == "z" and head[1:] in ("0", "1", "2", "3")) or set(flags) - {"c", "l"}:
-        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c][l]")
-    return {"name": spec, "zero": int(head[1]), "compile": "c" in flags, "kernels": "liger" if "l" in flags else "none"}
+    if not (head[:1] == "z" and head[1:] in ("0", "1", "2", "3")) or set(flags) - {"c", "l", "b"}:
+        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c][l][b]")
+    return {"name": spec, "zero": int(head[1]), "compile": "c" in flags, "kernels": "liger" if "l" in flags else "none",
+            "batched": "b" in flags}
 
 
 def run_variant(shape: dict, data: Samples, args, device, dtype, attempts: list[int], variant: dict) -> dict:
