@@ -255,7 +255,13 @@ class StepProfiler:
                  "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count // steps}
                 for e in events[:30]
             ]
-            for row in self.table[:20]:
+            if cuda:  # kernel time alone (no CPU-side op rows): against the step's wall time, the idle share
+                from torch.autograd import DeviceType
+
+                busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+                self.table.insert(0, {"op": "(all GPU kernels)", "ms_per_step": round(busy / 1e3 / steps, 3),
+                                      "share": 1.0, "calls_per_step": 0})
+            for row in self.table[:21]:
                 log.info("profile | %6.1f ms/step %5.1f%% %6d calls | %s", row["ms_per_step"], 100 * row["share"],
                          row["calls_per_step"], row["op"])
             self.prof = None

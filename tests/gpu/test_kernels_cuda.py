@@ -30,3 +30,18 @@ def test_liger_kernels_train_to_the_same_losses(tmp_path):
     assert plain[-1] < plain[0]
     for a, b in zip(plain, liger, strict=True):
         assert abs(a - b) < 0.05 * abs(a), (plain, liger)
+
+
+def test_compiled_softmax_grad_matches_eager_on_cuda():
+    from trainers.loss import _softmax_grad_fn, softmax_grad
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (1000, 333):  # two shapes: the compiled function is dynamic, not recompiled per chunk
+        logits = (torch.randn(n, 5003, device="cuda", generator=g) * 4).to(torch.bfloat16)
+        y = torch.randint(0, 5003, (n,), device="cuda", generator=g)
+        w = torch.rand(n, device="cuda", generator=g)
+        loss_c, grad_c = _softmax_grad_fn(logits.device)(logits, y, w)
+        loss_e, grad_e = softmax_grad(logits, y, w)
+        assert torch.allclose(loss_c, loss_e, rtol=1e-5), (loss_c, loss_e)
+        assert grad_c.dtype == torch.bfloat16
+        assert (grad_c.float() - grad_e.float()).abs().max() < 1e-2
