@@ -203,7 +203,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
         kernels=variant["kernels"],
     )
-    prof = StepProfiler(args.warmup, args.profile) if args.profile and not args.profiled else None
+    prof = StepProfiler(args.warmup, args.profile, args.trace) if args.profile and not args.profiled else None
     with tempfile.TemporaryDirectory() as tmp:
         res = train_loop(model, LoopData(data, Samples.collate), cfg, Path(tmp), seed=0,
                          on_step=prof.on_step if prof else None)
@@ -213,6 +213,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
     if prof is not None and prof.table:
         args.profiled = True  # the first variant that finishes is profiled; the others run unobserved
         extra["profile"] = prof.table
+        extra["cpu_profile"] = prof.cpu_table
     return {**extra,
         "tok_s": statistics.median(r["tok_s"] for r in recs),
         "mfu": statistics.median(r["mfu"] for r in recs),
@@ -232,8 +233,9 @@ class StepProfiler:
     """torch.profiler over `n` optimizer steps after `warmup`, started and stopped from the loop's
     per-step callback; `table` lists the ops with the most device time (CPU time off GPU)."""
 
-    def __init__(self, warmup: int, n: int) -> None:
+    def __init__(self, warmup: int, n: int, trace: Path | None = None) -> None:
         self.first, self.last, self.table, self.prof = warmup, warmup + n, [], None
+        self.trace, self.cpu_table = trace, []
 
     def on_step(self, step: int, rec: dict) -> None:
         import torch
@@ -261,6 +263,22 @@ class StepProfiler:
                 busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
                 self.table.insert(0, {"op": "(all GPU kernels)", "ms_per_step": round(busy / 1e3 / steps, 3),
                                       "share": 1.0, "calls_per_step": 0})
+                # where the host's time goes while the GPU waits: ops by their own CPU time
+                by_cpu = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+                self.cpu_table = [
+                    {"op": e.key[:120], "cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                     "calls_per_step": e.count // steps}
+                    for e in by_cpu[:20]
+                ]
+            if self.trace is not None:  # the timeline (chrome://tracing, Perfetto), gzipped
+                import gzip
+                import shutil
+
+                raw = self.trace.with_suffix("")
+                self.prof.export_chrome_trace(str(raw))
+                with open(raw, "rb") as src, gzip.open(self.trace, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                raw.unlink()
             for row in self.table[:21]:
                 log.info("profile | %6.1f ms/step %5.1f%% %6d calls | %s", row["ms_per_step"], 100 * row["share"],
                          row["calls_per_step"], row["op"])
@@ -287,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many steps of the first variant that finishes: top ops by device time")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="with --profile: write the profiled steps' timeline here (gzipped chrome trace, .json.gz)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
