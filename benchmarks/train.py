@@ -201,7 +201,7 @@ def run_ours(shape: dict, data: Samples, args, device, dtype, recompute: int, va
         max_steps=args.warmup + args.steps, save_every=0,
         gradient_checkpointing=recompute > 0, checkpoint_every=max(recompute, 1),
         loss_chunk=args.loss_chunk, tensorboard=False, export=False, compile=variant["compile"], log_every=5,
-        kernels=variant["kernels"],
+        kernels=variant["kernels"], overflow_check="global_norm" if variant["fast_check"] else "per_tensor",
     )
     prof = StepProfiler(args.warmup, args.profile, args.trace) if args.profile and not args.profiled else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--variants", default=None,
                     help="our configurations, comma-separated z<stage>[c][l][b] (c = compiled, l = Liger kernels, "
-                         "b = one micro-batch of grad-accum samples); "
+                         "b = one micro-batch of grad-accum samples, f = overflow_check global_norm); "
                          "default GPU 'z2,z1,z2l,z1c,z1l,z0', CPU 'z2'")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--profile", type=int, default=0,
@@ -372,13 +372,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def parse_variant(spec: str) -> dict:
     """'z2' = ZeRO-2; then flags: 'c' regional torch.compile, 'l' Liger kernels, 'b' all of a step's
-    samples in one micro-batch: 'z1lcb' = ZeRO-1, Liger, compiled, micro-batch = grad-accum samples."""
+    samples in one micro-batch, 'f' train.overflow_check=global_norm (no per-tensor host sync): 'z1lcb' =
+    ZeRO-1, Liger, compiled, micro-batch = grad-accum samples."""
     spec = spec.strip()
     head, flags = spec[:2], spec[2:]
-    if not (head[:1] == "z" and head[1:] in ("0", "1", "2", "3")) or set(flags) - {"c", "l", "b"}:
-        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c][l][b]")
+    if not (head[:1] == "z" and head[1:] in ("0", "1", "2", "3")) or set(flags) - {"c", "l", "b", "f"}:
+        raise SystemExit(f"--variants: {spec!r} is not z<0-3>[c][l][b][f]")
     return {"name": spec, "zero": int(head[1]), "compile": "c" in flags, "kernels": "liger" if "l" in flags else "none",
-            "batched": "b" in flags}
+            "batched": "b" in flags, "fast_check": "f" in flags}
 
 
 def run_variant(shape: dict, data: Samples, args, device, dtype, attempts: list[int], variant: dict) -> dict:

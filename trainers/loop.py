@@ -79,6 +79,12 @@ class LoopConfig(StageConfig):
     kernels: Literal["none", "liger"] = Field(
         "none", description="liger: Liger's Triton RMSNorm/RoPE/SwiGLU in the LLM (CUDA, extra '.[gpu]')"
     )
+    overflow_check: Literal["per_tensor", "global_norm"] = Field(
+        "per_tensor",
+        description="bf16 non-finite gradients: per_tensor = DeepSpeed checks every gradient tensor and skips the "
+                    "step (one host sync per tensor); global_norm = no per-tensor check, the loop stops with an "
+                    "error naming the step when the global gradient norm or the loss is not finite (ZeRO 1-3)",
+    )
     tensorboard: bool = Field(True, description="TensorBoard event files in <out>/tb (rank 0)")
     export: bool = Field(True, description="save the consolidated model to <out>/model at the end")
 
@@ -161,6 +167,11 @@ def deepspeed_config(cfg: LoopConfig, world: int, bf16: bool) -> dict:
     raw.setdefault("bf16", {})
     if raw["bf16"].get("enabled", "auto") == "auto":
         raw["bf16"]["enabled"] = bf16
+    if cfg.overflow_check == "global_norm":
+        if cfg.zero_stage == 0:
+            # ZeRO-0 bf16 runs DeepSpeed's FP16_Optimizer wrapper, whose per-tensor check has no switch
+            raise ValueError("train.overflow_check=global_norm needs zero_stage 1, 2 or 3")
+        raw["bf16"]["check_grad_overflow"] = False
     zero = raw.setdefault("zero_optimization", {})
     if zero.get("stage", "auto") == "auto":
         zero["stage"] = cfg.zero_stage
@@ -494,6 +505,12 @@ def train_loop(
             tok_s = n_tokens / dt
             mfu = flops.step(n_tokens, n_sq, n_images, n_labels) / dt / peak
             gn = engine.get_global_grad_norm()
+            if cfg.overflow_check == "global_norm" and not (math.isfinite(loss) and (gn is None or math.isfinite(float(gn)))):
+                # DeepSpeed was told not to look at each tensor, so this step was applied: stop here, loudly
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss ({loss}) or gradient norm ({gn}); the weights are no longer "
+                    f"valid: resume from the last checkpoint in {ckpt_dir} with a lower lr, or set "
+                    f"train.overflow_check=per_tensor to skip such steps")
             rec = {
                 "step": step,
                 "epoch": epoch,
