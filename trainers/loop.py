@@ -83,7 +83,8 @@ class LoopConfig(StageConfig):
         "per_tensor",
         description="bf16 non-finite gradients: per_tensor = DeepSpeed checks every gradient tensor and skips the "
                     "step (one host sync per tensor); global_norm = no per-tensor check, the loop stops with an "
-                    "error naming the step when the global gradient norm or the loss is not finite (ZeRO 1-3)",
+                    "error naming the step when the global gradient norm or the loss is not finite (ZeRO 1-3; "
+                    "fp32 training always stops so)",
     )
     tensorboard: bool = Field(True, description="TensorBoard event files in <out>/tb (rank 0)")
     export: bool = Field(True, description="save the consolidated model to <out>/model at the end")
@@ -473,6 +474,8 @@ def train_loop(
                 writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1)
 
         peak = peak_flops(cfg.peak_tflops, device) * world
+        # DeepSpeed skips a step with non-finite gradients only under bf16 with its per-tensor check
+        unguarded = cfg.overflow_check == "global_norm" or not bf16
         losses = [r["loss"] for r in records]
         samples_seen = position.get("samples_seen", 0)
         batches = _global_batches(n, cfg, world, rank, seed, position)
@@ -505,8 +508,9 @@ def train_loop(
             tok_s = n_tokens / dt
             mfu = flops.step(n_tokens, n_sq, n_images, n_labels) / dt / peak
             gn = engine.get_global_grad_norm()
-            if cfg.overflow_check == "global_norm" and not (math.isfinite(loss) and (gn is None or math.isfinite(float(gn)))):
-                # DeepSpeed was told not to look at each tensor, so this step was applied: stop here, loudly
+            if unguarded and not (math.isfinite(loss) and (gn is None or math.isfinite(float(gn)))):
+                # DeepSpeed did not check this step's gradients (fp32, or told not to), so it was applied:
+                # stop here, loudly
                 raise FloatingPointError(
                     f"step {step}: non-finite loss ({loss}) or gradient norm ({gn}); the weights are no longer "
                     f"valid: resume from the last checkpoint in {ckpt_dir} with a lower lr, or set "

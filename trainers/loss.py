@@ -72,14 +72,11 @@ def softmax_grad(logits: Any, y: Any, w: Any) -> tuple[Any, Any]:
     import torch
 
     x = logits.float()
-    m = x.amax(dim=-1, keepdim=True)
-    e = (x - m).exp()
-    z = e.sum(dim=-1, keepdim=True)
-    lse = (m + z.log()).squeeze(1)
+    lse = torch.logsumexp(x, dim=-1)
     picked = x.gather(1, y.unsqueeze(1)).squeeze(1)
     loss = ((lse - picked) * w).sum()
     onehot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == y.unsqueeze(1)
-    g = (e / z - onehot.to(x.dtype)) * w.unsqueeze(1)
+    g = ((x - lse.unsqueeze(1)).exp() - onehot.to(x.dtype)) * w.unsqueeze(1)
     return loss, g.to(logits.dtype)
 
 

@@ -332,3 +332,31 @@ def test_latest_names_a_checkpoint_only_after_deepspeed_has_written_it(tiny_lm, 
     train_loop(_model(tiny_lm), _data(tiny_lm), _cfg(max_steps=3, save_every=1), tmp_path, seed=0)
     assert seen == [("step-0000001", None), ("step-0000002", "step-0000001")]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-0000002"
+
+
+@pytest.mark.parametrize("check", ["per_tensor", "global_norm"])
+def test_a_non_finite_step_stops_training_with_the_step_named(tiny_lm, tmp_path, check):
+    """fp32 (DeepSpeed checks nothing) or overflow_check=global_norm: a NaN that reaches the weights at
+    step 3 stops the run there with an error naming the step, not a run that trains on NaN weights."""
+    import torch
+
+    model = _model(tiny_lm)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # the 3rd forward (step 3: one micro-batch per step) turns to NaN
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    model.model.layers[0].mlp.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss"):
+        train_loop(model, _data(tiny_lm), _cfg(grad_accum=1, overflow_check=check), tmp_path, seed=0)
+    steps = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+
+
+def test_global_norm_overflow_check_turns_off_deepspeeds_per_tensor_check():
+    cfg = deepspeed_config(_cfg(zero_stage=2, overflow_check="global_norm"), world=1, bf16=True)
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert "check_grad_overflow" not in deepspeed_config(_cfg(zero_stage=2), world=1, bf16=True)["bf16"]
+    with pytest.raises(ValueError, match="overflow_check=global_norm needs zero_stage 1, 2 or 3"):
+        deepspeed_config(_cfg(zero_stage=0, overflow_check="global_norm"), world=1, bf16=True)
