@@ -122,11 +122,10 @@ def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: b
             raise ValueError(f"train.launcher=local runs one process, got train.nproc={nproc}: use torchrun or ray")
         return train_worker(spec)
     if launcher == "torchrun":
-        from trainers.loop import _free_port
-
+        # --standalone: torchrun's own rendezvous binds a port the OS picks, so no other process can take
+        # it between choosing and binding
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "trainers.launch", str(spec_path),
         ]
         log.info("launching: %s", " ".join(cmd))

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,26 +117,29 @@ class LoopResult:
 # distributed set-up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int, Any]:
     """(rank, world_size, device); starts a one-process group when no launcher set one up."""
     import torch
     import torch.distributed as dist
 
+    single = os.environ.get("WORLD_SIZE", "1") == "1"
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1")  # MASTER_PORT: the store's
     os.environ.setdefault("LOCAL_RANK", "0")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)  # before NCCL starts, so its communicator binds this GPU
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if single:
+            # The store binds a port the OS picks (port 0), atomically: no window between choosing a free
+            # port and binding it in which another process (a Ray worker, say) could take it.
+            store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+            os.environ["MASTER_PORT"] = str(store.port)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), device
 
 
