@@ -232,26 +232,86 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
                 pad = getattr(getattr(cfg, "text_config", cfg), "pad_token_id", None)
                 self.pad_id = int(pad) if pad is not None else 0
 
-        def forward(self, batch: dict) -> Any:
+        def prepare(self, batch: dict) -> dict:
+            """On the host, before the batch moves to the device: what the forward would otherwise learn
+            from device tensors with a host sync each (boolean masks, `.any()`, `nonzero`) is computed
+            here from the CPU tensors. `_loss_index`: the shifted token positions that carry loss (with
+            the labels checked against the vocabulary); `_image_positions`: where the image features go."""
             if self.blank_image is not None and batch.get("pixel_values") is None:
                 batch = self._with_blank_image(batch)
+            out = dict(batch)
             labels = batch["labels"]
             weights = batch.get("loss_weights")
             if weights is None:
                 weights = (labels != -100).to(torch.float32)
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+                out["loss_weights"] = weights
+            y, w = labels[:, 1:].reshape(-1), weights[:, 1:].reshape(-1)
+            keep = (y != -100) & (w != 0)
+            index = keep.nonzero().squeeze(1)
+            if index.numel() == 0:
+                # Nothing to learn here, yet the head must still get its (zero) gradient: see
+                # chunked_lm_loss. One token, at weight 0 (the loss zeroes tokens with label -100).
+                index = torch.zeros(1, dtype=torch.long)
+            vocab, ys = self.vocab, y[index]
+            bad = ((ys < 0) & (ys != -100)) | (ys >= vocab)
+            if bool(bad.any()):
+                raise ValueError(f"labels outside [0, {vocab}) (and not the ignore index -100): "
+                                 f"{sorted(set(ys[bad].tolist()))[:5]}")
+            out["_loss_index"] = index
+            if self.blank_image is not None and out.get("pixel_values") is not None:
+                out["_image_positions"] = (batch["input_ids"].reshape(-1) == self.image_token_id).nonzero().squeeze(1)
+            return out
+
+        @property
+        def vocab(self) -> int:
+            base = _unwrap(self.model)
+            head = getattr(base, "lm_head", None)
+            n = getattr(head, "out_features", None)
+            if n is None:
+                cfg = base.config
+                n = (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).vocab_size
+            return int(n)
+
+        def _embed_with_images(self, inputs: dict, positions: Any) -> dict:
+            """input_ids + pixel_values -> inputs_embeds with the image features placed at `positions`,
+            computed on the host: the same embeddings as the model's own merge, without its placeholder
+            mask (a boolean index and a masked_scatter, each a host sync, one of them in backward)."""
+            base = _unwrap(self.model)
+            ids, pixels = inputs.pop("input_ids"), inputs.pop("pixel_values")
+            embeds = base.get_input_embeddings()(ids)
+            out = base.get_image_features(pixel_values=pixels, return_dict=True)
+            feats = getattr(out, "pooler_output", out)  # transformers < 5 returns the features
+            if isinstance(feats, (list, tuple)):
+                feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+            feats = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            if feats.shape[0] != positions.numel():
+                raise ValueError(f"image features and image tokens do not match: {positions.numel()} image "
+                                 f"tokens in the batch, {feats.shape[0]} image features")
+            flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, positions, feats)
+            inputs["inputs_embeds"] = flat.view_as(embeds)
+            return inputs
+
+        def forward(self, batch: dict) -> Any:
+            if "_loss_index" not in batch:
+                batch = self.prepare(batch)
+            labels, weights, index = batch["labels"], batch["loss_weights"], batch["_loss_index"]
+            positions = batch.get("_image_positions")
+            skip = ("labels", "loss_weights", "_loss_index", "_image_positions")
+            inputs = {k: v for k, v in batch.items() if k not in skip}
             dtype = next(self.model.parameters()).dtype
             for k in ("pixel_values",):
                 if k in inputs and inputs[k].is_floating_point():
                     inputs[k] = inputs[k].to(dtype)
+            if positions is not None:
+                inputs = self._embed_with_images(inputs, positions)
             base = _unwrap(self.model)
             inner, head = getattr(base, "model", None), getattr(base, "lm_head", None)
             if chunk > 0 and zero_stage < 3 and inner is not None and head is not None:
                 hidden = inner(**inputs, use_cache=False).last_hidden_state
-                loss = chunked_lm_loss(hidden, head, labels, weights, chunk)
+                loss = chunked_lm_loss(hidden, head, labels, weights, chunk, index=index)
             else:
                 logits = self.model(**inputs, use_cache=False).logits
-                loss = chunked_lm_loss(logits, torch.nn.Identity(), labels, weights, 0)
+                loss = chunked_lm_loss(logits, torch.nn.Identity(), labels, weights, 0, index=index)
             return loss
 
         def _with_blank_image(self, batch: dict) -> dict:
@@ -495,7 +555,7 @@ def train_loop(
             scale = cfg.grad_accum * world / max(n_labels, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for m in micro:
-                s = engine(_to(m, device))
+                s = engine(_to(wrapped.prepare(m), device))
                 engine.backward(s * scale)
                 engine.step()
                 loss_sum += s.detach().double()  # read back once per step: no sync per micro-batch

@@ -118,15 +118,24 @@ def fused_linear_cross_entropy(h: Any, head: Any, y: Any, w: Any, chunk: int) ->
     return _FUSED.apply(h, head.weight, head.bias, y, w, chunk)
 
 
-def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: int) -> Any:
-    """Sum of weighted next-token cross-entropy of `head(hidden)` against `labels` shifted by one."""
+def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: int, index: Any = None) -> Any:
+    """Sum of weighted next-token cross-entropy of `head(hidden)` against `labels` shifted by one.
+
+    `index`: the positions (in the flattened, shifted tokens) that carry loss, computed on the host with
+    the labels already checked (the training loop's `prepare`); the loss then selects them without a
+    host sync. Without it they are found here.
+    """
     import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     w = weights[:, 1:].reshape(-1).to(torch.float32)
+    if index is not None:
+        index = index.to(h.device)
+        h, y, w = h.index_select(0, index), y.index_select(0, index), w.index_select(0, index)
+        w = w * (y != -100)  # the one weight-0 token of a batch without labels
+        y = y.clamp(min=0)
+        return _head_loss(h, head, y, w, chunk)
     keep = (y != -100) & (w != 0)
     if not bool(keep.any()):
         # Nothing to learn here (a weight-0 filler sample, a prompt-only row), yet the head must still
@@ -142,6 +151,14 @@ def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: in
     if bool(bad.any()):
         raise ValueError(f"labels outside [0, {vocab}) (and not the ignore index -100): "
                          f"{sorted(set(y[bad].tolist()))[:5]}")
+    return _head_loss(h, head, y, w, chunk)
+
+
+def _head_loss(h: Any, head: Any, y: Any, w: Any, chunk: int) -> Any:
+    """Sum of w * CE(head(h), y) over the selected tokens (every y a valid class)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
 
     def piece(hc: Any, yc: Any, wc: Any) -> Any:
         logits = head(hc).float()
@@ -154,7 +171,7 @@ def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: in
         return fused_linear_cross_entropy(h, head, y, w, chunk)
     if h.shape[0] <= chunk:
         return piece(h, y, w)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         total = total + checkpoint(piece, h[s : s + chunk], y[s : s + chunk], w[s : s + chunk], use_reentrant=False)
     return total

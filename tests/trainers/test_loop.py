@@ -360,3 +360,47 @@ def test_global_norm_overflow_check_turns_off_deepspeeds_per_tensor_check():
     assert "check_grad_overflow" not in deepspeed_config(_cfg(zero_stage=2), world=1, bf16=True)["bf16"]
     with pytest.raises(ValueError, match="overflow_check=global_norm needs zero_stage 1, 2 or 3"):
         deepspeed_config(_cfg(zero_stage=0, overflow_check="global_norm"), world=1, bf16=True)
+
+
+@pytest.mark.parametrize("layout", ["llava", "internvl"])
+def test_host_prepared_batches_give_the_models_own_loss_and_gradients(request, sft_dir, layout):
+    """The loop's `prepare` (loss positions and image-token positions found on the host, image features
+    placed by index) gives the same loss and gradients as the model's own placeholder merge."""
+    import torch
+
+    from trainers.data import make_sft_data
+    from trainers.loop import make_loss_module
+    from trainers.model import load_student
+
+    path = request.getfixturevalue("tiny_student" if layout == "llava" else "tiny_internvl_student")
+    model, processor = load_student(path, dtype="float32")
+    ds, collate = make_sft_data([sft_dir], processor)
+    batch = collate([ds[1], ds[2]])  # 1 and 2 images
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    wrapped = make_loss_module(model, chunk=16, zero_stage=2)
+
+    def loss_and_grads(prepared: bool):
+        model.zero_grad()
+        b = wrapped.prepare(dict(batch)) if prepared else dict(batch)
+        if not prepared:  # the model's own merge: no host-computed positions
+            b = {k: v for k, v in wrapped.prepare(dict(batch)).items() if k != "_image_positions"}
+        loss = wrapped(b)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    own_loss, own = loss_and_grads(False)
+    host_loss, host = loss_and_grads(True)
+    assert torch.allclose(own_loss, host_loss, rtol=1e-6), (own_loss, host_loss)
+    assert own.keys() == host.keys() and any("vision" in n for n in own)
+    for n in own:
+        assert torch.allclose(own[n], host[n], atol=1e-6, rtol=1e-5), n
+
+    bad = dict(batch)
+    bad["labels"] = batch["labels"].clone()
+    bad["labels"][0, int((batch["labels"][0] != -100).nonzero()[-1])] = 10**6  # a token that carries loss
+    with pytest.raises(ValueError, match="labels outside"):
+        wrapped.prepare(bad)
+    short = wrapped.prepare(dict(batch))
+    short["_image_positions"] = short["_image_positions"][:-1]
+    with pytest.raises(ValueError, match=r"image tokens in the batch, \d+ image features"):
+        wrapped(short)
