@@ -16,8 +16,8 @@ export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions DS_BUILD_OPS=0 TOKENIZERS_PARA
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c "import deepspeed, torch, transformers; print('deepspeed', deepspeed.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-# ~2.0B-parameter student, 8k tokens, bf16: baseline, then our variants (ZeRO-2/1/0, compiled) while
-# --budget-s allows; BENCH_FLAGS="--gpu --variants z1c" runs one chosen variant
+# ~2.0B-parameter student, 8k tokens, bf16: baseline, then our variants (z2bf, z2lbf, z1bf, z0b, z2) while
+# --budget-s allows; BENCH_FLAGS="--gpu --variants z2bf" runs one chosen variant
 # BENCH_FLAGS="--tiny" runs the same script on a CPU (the check that it runs at all)
 timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/train.py ${BENCH_FLAGS:---gpu --profile 2} --out "$RESULT" "${@:2}"
 echo "figures in $RESULT"

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default=None,
                     help="our configurations, comma-separated z<stage>[c][l][b] (c = compiled, l = Liger kernels, "
                          "b = one micro-batch of grad-accum samples, f = overflow_check global_norm); "
-                         "default GPU 'z2,z1,z2l,z1c,z1l,z0', CPU 'z2'")
+                         "default GPU 'z2bf,z2lbf,z1bf,z0b,z2', CPU 'z2'")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no further variant past this")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many steps of the first variant that finishes: top ops by device time")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape["seq"] = args.seq
     args.steps = args.steps or (15 if args.gpu else 6)
     args.profiled = False
-    args.variants = args.variants or ("z2,z1,z2l,z1c,z1l,z0" if args.gpu else "z2")
+    args.variants = args.variants or ("z2bf,z2lbf,z1bf,z0b,z2" if args.gpu else "z2")
     data = Samples(shape, n=max(4, args.grad_accum * 2))
     out: dict = {
         "device": torch.cuda.get_device_name() if args.gpu else "cpu",
