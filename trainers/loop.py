@@ -37,7 +37,7 @@ from pipeline.config import StageConfig
 from trainers.checkpoint import export_model, load_checkpoint, save_checkpoint
 from trainers.flops import StepFlops, batch_stats, peak_flops
 from trainers.kernels import apply_kernels
-from trainers.loss import chunked_lm_loss
+from trainers.loss import chunked_lm_loss, loss_positions
 
 log = logging.getLogger(__name__)
 
@@ -245,19 +245,7 @@ def make_loss_module(model: Any, chunk: int, zero_stage: int) -> Any:
             if weights is None:
                 weights = (labels != -100).to(torch.float32)
                 out["loss_weights"] = weights
-            y, w = labels[:, 1:].reshape(-1), weights[:, 1:].reshape(-1)
-            keep = (y != -100) & (w != 0)
-            index = keep.nonzero().squeeze(1)
-            if index.numel() == 0:
-                # Nothing to learn here, yet the head must still get its (zero) gradient: see
-                # chunked_lm_loss. One token, at weight 0 (the loss zeroes tokens with label -100).
-                index = torch.zeros(1, dtype=torch.long)
-            vocab, ys = self.vocab, y[index]
-            bad = ((ys < 0) & (ys != -100)) | (ys >= vocab)
-            if bool(bad.any()):
-                raise ValueError(f"labels outside [0, {vocab}) (and not the ignore index -100): "
-                                 f"{sorted(set(ys[bad].tolist()))[:5]}")
-            out["_loss_index"] = index
+            out["_loss_index"] = loss_positions(labels, weights, self.vocab)
             if self.blank_image is not None and out.get("pixel_values") is not None:
                 out["_image_positions"] = (batch["input_ids"].reshape(-1) == self.image_token_id).nonzero().squeeze(1)
             return out

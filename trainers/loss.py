@@ -118,40 +118,45 @@ def fused_linear_cross_entropy(h: Any, head: Any, y: Any, w: Any, chunk: int) ->
     return _FUSED.apply(h, head.weight, head.bias, y, w, chunk)
 
 
-def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: int, index: Any = None) -> Any:
-    """Sum of weighted next-token cross-entropy of `head(hidden)` against `labels` shifted by one.
+def loss_positions(labels: Any, weights: Any, vocab: int) -> Any:
+    """The positions, in the flattened next-token targets (`labels[:, 1:]`), that carry loss: label set
+    and weight non-zero. Labels outside [0, vocab) there are an error, not an index.
 
-    `index`: the positions (in the flattened, shifted tokens) that carry loss, computed on the host with
-    the labels already checked (the training loop's `prepare`); the loss then selects them without a
-    host sync. Without it they are found here.
+    With none (a weight-0 filler sample, a prompt-only row) there is nothing to learn, yet the head must
+    still get its (zero) gradient: under ZeRO every rank fills the same gradient buckets in the same
+    order, and a rank whose head saw no backward would desynchronise them. Then one position is returned,
+    whose weight is 0 or whose label is -100 (the loss zeroes both).
     """
     import torch
 
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    w = weights[:, 1:].reshape(-1).to(torch.float32)
-    if index is not None:
-        index = index.to(h.device)
-        h, y, w = h.index_select(0, index), y.index_select(0, index), w.index_select(0, index)
-        w = w * (y != -100)  # the one weight-0 token of a batch without labels
-        y = y.clamp(min=0)
-        return _head_loss(h, head, y, w, chunk)
-    keep = (y != -100) & (w != 0)
-    if not bool(keep.any()):
-        # Nothing to learn here (a weight-0 filler sample, a prompt-only row), yet the head must still
-        # get its (zero) gradient: under ZeRO every rank fills the same gradient buckets in the same
-        # order, and a rank whose head saw no backward would desynchronise them. One token at weight 0.
-        keep = torch.zeros_like(keep)
-        keep[0] = True
-        y = torch.where(keep, y.clamp(min=0), y)
-        w = torch.zeros_like(w)
-    h, y, w = h[keep], y[keep], w[keep]
-    vocab = getattr(head, "out_features", hidden.shape[-1])
-    bad = (y < 0) | (y >= vocab)
+    index = ((y != -100) & (weights[:, 1:].reshape(-1) != 0)).nonzero().squeeze(1)
+    if index.numel() == 0:
+        index = torch.zeros(1, dtype=torch.long, device=y.device)
+    ys = y[index]
+    bad = ((ys < 0) & (ys != -100)) | (ys >= vocab)
     if bool(bad.any()):
         raise ValueError(f"labels outside [0, {vocab}) (and not the ignore index -100): "
-                         f"{sorted(set(y[bad].tolist()))[:5]}")
-    return _head_loss(h, head, y, w, chunk)
+                         f"{sorted(set(ys[bad].tolist()))[:5]}")
+    return index
+
+
+def chunked_lm_loss(hidden: Any, head: Any, labels: Any, weights: Any, chunk: int, index: Any = None) -> Any:
+    """Sum of weighted next-token cross-entropy of `head(hidden)` against `labels` shifted by one.
+
+    `index`: `loss_positions` of the batch. The training loop finds them on the host before the batch
+    moves (`prepare`), so selecting them here needs no host sync; without it they are found here.
+    """
+    import torch
+
+    if index is None:
+        index = loss_positions(labels, weights, getattr(head, "out_features", hidden.shape[-1]))
+    index = index.to(hidden.device)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
+    y = labels[:, 1:].reshape(-1).index_select(0, index)
+    w = weights[:, 1:].reshape(-1).to(torch.float32).index_select(0, index)
+    w = w * (y != -100)  # the filler position of a batch without labels
+    return _head_loss(h, head, y.clamp(min=0), w, chunk)
 
 
 def _head_loss(h: Any, head: Any, y: Any, w: Any, chunk: int) -> Any:

@@ -381,9 +381,9 @@ def test_host_prepared_batches_give_the_models_own_loss_and_gradients(request, s
 
     def loss_and_grads(prepared: bool):
         model.zero_grad()
-        b = wrapped.prepare(dict(batch)) if prepared else dict(batch)
-        if not prepared:  # the model's own merge: no host-computed positions
-            b = {k: v for k, v in wrapped.prepare(dict(batch)).items() if k != "_image_positions"}
+        b = wrapped.prepare(dict(batch))
+        if not prepared:  # the model's own merge: no host-computed image positions
+            del b["_image_positions"]
         loss = wrapped(b)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
