@@ -118,7 +118,9 @@ class DecontaminateConfig(StageConfig):
 
 
 def fingerprint_extra(cfg: DecontaminateConfig) -> dict:
-    """Eval files live outside the run directory: their size and mtime join the fingerprint."""
+    """Eval files live outside the run directory: their stamps (path, size, mtime_ns) join the fingerprint."""
+    from pipeline.paths import file_stat
+
     out = {}
     for e in cfg.eval_sets:
         if e.path is None:
@@ -128,7 +130,7 @@ def fingerprint_extra(cfg: DecontaminateConfig) -> dict:
             continue
         p = Path(e.path)
         files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-        out[e.label()] = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
+        out[e.label()] = [file_stat(f) for f in files if f.exists()]
     return out
 
 

@@ -76,8 +76,9 @@ class LoadedChains:
 def source_stats(cfg: ChainsSourceConfig | None) -> Any:
     if cfg is None:
         return None
-    p = Path(cfg.path)
-    return [str(p), p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else [str(p), None]
+    from pipeline.paths import file_stat
+
+    return file_stat(cfg.path)
 
 
 def _rows(cfg: ChainsSourceConfig) -> Any:

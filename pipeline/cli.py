@@ -66,12 +66,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _checked_config(args)
     if cfg is None:
         return 1
+    from pipeline.runlock import RunLockedError
+
     runner = Runner(cfg)
     try:
-        results = runner.run(stage=args.stage, from_=args.from_, force=args.force)
+        results = runner.run(stage=args.stage, from_=args.from_, force=args.force, command=" ".join(["r1v", *sys.argv[1:]]))
     except ValueError as e:  # an unknown --stage / --from
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunLockedError as e:  # a second driver on the same run
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     log.info("run %s: %d steps done; outputs in %s", cfg.run.name, len(results), runner.run_dir)
     return 0
 
@@ -103,7 +108,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
         table.add_row(step.name, state, str(m.rows_in), str(m.kept), fmt(m.dropped), fmt(m.quarantined), f"{m.wall_s:.1f}")
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    from pipeline.runlock import is_locked
+
+    holder = is_locked(run_dir)
+    if holder:
+        console.print(f"running: pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')})")
     return 0
 
 

@@ -10,6 +10,7 @@ next to their stages; `pipeline.stages.STAGES` lists them in one place.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,11 @@ class StageConfig(BaseModel):
 
 class RunSection(StageConfig):
     name: str = Field(description="run name: outputs go to <root>/<name>/")
-    root: str = Field("runs", description="directory holding all runs (relative to the working directory)")
+    root: str = Field(
+        "runs",
+        description="directory holding all runs and the shared caches: an absolute path, else $R1V_ROOT if set, "
+        "else this value relative to the config file's folder (pipeline/paths.py)",
+    )
     seed: int = Field(0, description="base seed; every stage derives its own seeds from it")
 
 
@@ -159,7 +164,15 @@ def validate_config(raw: dict, source: str = "<config>") -> Any:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load, override and validate a run config; raises ConfigError naming the file and keys."""
+    """Load, override and validate a run config; raises ConfigError naming the file and keys.
+
+    Relative paths in the file resolve against its folder, those on the command line against the working
+    directory; the run root follows pipeline.paths (absolute run.root, else $R1V_ROOT, else relative to
+    the file). Under `ray job submit` a run root or cache that would land in Ray's temporary copy of the
+    working directory is refused here, with what to set instead.
+    """
+    from pipeline.paths import ROOT_ENV, job_problems, resolve_tree, under_ray_job
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(str(path), ["file not found"])
@@ -169,9 +182,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["top level must be a mapping of sections"])
+    base = path.resolve().parent
+    resolved = resolve_tree(raw, base)
+    run = resolved.get("run")
+    if isinstance(run, dict):
+        root = run.get("root", "runs")
+        if not (isinstance(root, str) and Path(root).expanduser().is_absolute()):
+            env_root = os.environ.get(ROOT_ENV)
+            run["root"] = str(Path(env_root).expanduser().resolve()) if env_root else str((base / str(root)).resolve())
+    cwd = Path.cwd()
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
-    return validate_config(raw, str(path))
+        leaf = key.rsplit(".", 1)[-1]
+        _set_dotted(resolved, key, resolve_tree({leaf: value}, cwd)[leaf])
+    if under_ray_job():
+        problems = job_problems(raw, resolved)
+        if problems:
+            raise ConfigError(str(path), problems)
+    return validate_config(resolved, str(path))
 
 
 def stage_config_for_round(cfg: Any, stage: str, round_: int) -> Any:

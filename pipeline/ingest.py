@@ -6,7 +6,7 @@
 Per row: images are read and fully decoded once (corrupt or missing files are quarantined with the
 reason, never passed on), stored as bytes with format/width/height; the gold answer and multiple-choice
 options are normalised (a letter gold keeps its option text in `answer_text`); `problem_id` is a stable
-hash of question + image bytes + answer, so exact duplicates (also across sources) are removed and
+hash of question + image bytes + answer (+ the options of a multiple-choice problem), so exact duplicates (also across sources) are removed and
 counted. Rows without an answer, unreadable JSON lines and unreadable records are quarantined into
 `ingest/quarantine/` with the file and line they came from.
 
@@ -33,11 +33,14 @@ from pydantic import Field
 
 from pipeline.config import StageConfig
 from pipeline.images import ImageError, image_record
+from pipeline.paths import file_stat
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 from pipeline.schema import PROBLEMS, QUARANTINE
 
 log = logging.getLogger(__name__)
 TABLES = ("problems", "quarantine")
+# Bumped whenever a code change changes the rows ingest writes (2: multiple-choice ids include the options).
+LOGIC_VERSION = 2
 
 # Row groups of image tables: small enough that compressing one overlaps reading the next (and that a
 # reader fetching one problem decodes little), large enough that text-only sources get big groups.
@@ -106,17 +109,101 @@ class IngestConfig(StageConfig):
 
 
 def fingerprint_extra(cfg: IngestConfig) -> dict:
-    """Sizes and mtimes of the source files and of the files beside them (image paths are relative to
-    the source file), digested, so an edited input or a replaced image re-runs ingest."""
+    """Stamps (pipeline.paths.file_stat: path, size, mtime_ns) of exactly the files ingest reads: each
+    source file (or a Parquet directory's shards, an HF dataset directory's files) and every image file
+    its rows name, digested per source, so an edited input or a replaced image re-runs ingest and nothing
+    else beside the data (run directories, .git, a venv) does. `limit`s are honoured as ingest honours them."""
     out = {}
+    left = cfg.limit
     for s in cfg.sources:
-        if not s.path:
-            continue
-        p = Path(s.path)
-        root = p.parent if p.is_file() and s.columns.images else p
-        files = [p] if root == p and p.is_file() else sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
-        out[s.path] = stable_hash([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+        if left is not None and left <= 0:
+            break
+        lim = min([x for x in (s.limit, left) if x is not None], default=None)
+        if s.path:
+            files, refs, n = _source_files(s, lim)
+            out[s.path] = stable_hash([file_stat(f) for f in files], [file_stat(r) for r in sorted(refs)])
+        else:
+            n = (s.synthetic or SyntheticConfig()).n if s.kind == "synthetic" else 0
+            n = min(n, lim) if lim is not None else n
+        if left is not None:
+            left -= n
     return out
+
+
+def _image_refs(value: Any) -> list[str]:
+    """Image file names in one row's image column (paths, or {path} dicts without bytes)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif isinstance(item, dict) and item.get("bytes") is None and isinstance(item.get("path"), str) and item["path"]:
+            out.append(item["path"])
+    return out
+
+
+_REFS_MEMO: dict[tuple, tuple[list[Path], set[str], int]] = {}
+
+
+def _source_files(src: SourceConfig, limit: int | None) -> tuple[list[Path], set[str], int]:
+    """(files read, image files referenced (resolved), rows read) of one source; memoised on the files' stamps."""
+    p = Path(src.path)
+    if src.kind == "hf":  # the dataset directory is the data (images inline in its Arrow files)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        return files, set(), limit or 0
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    col = src.columns.images
+    key = (tuple(tuple(file_stat(f)) for f in files), col, limit)
+    if key in _REFS_MEMO:
+        return _REFS_MEMO[key]
+    base = p if p.is_dir() else p.parent
+    refs: set[str] = set()
+    n = 0
+    if col and p.exists():
+        for value in _image_column(src, files, col, limit):
+            n += 1
+            refs.update(str(base / r) for r in _image_refs(value))
+    _REFS_MEMO[key] = (files, refs, n)
+    return files, refs, n
+
+
+def _image_column(src: SourceConfig, files: list[Path], col: str, limit: int | None) -> Iterator[Any]:
+    """The image column of every row ingest would read (one value per row, None where absent)."""
+    n = 0
+    if src.kind == "jsonl":
+        with open(files[0], encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    yield None
+                    continue
+                yield row.get(col) if isinstance(row, dict) else None
+        return
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        typ = pf.schema_arrow.field(col).type if col in names else None
+        # Only path-typed columns name files; inline bytes are covered by the Parquet file's own stamp.
+        if not (typ is not None and (pa.types.is_string(typ) or pa.types.is_large_string(typ) or (
+                pa.types.is_list(typ) and pa.types.is_string(typ.value_type)))):
+            k = pf.metadata.num_rows if limit is None else min(pf.metadata.num_rows, limit - n)
+            n += k
+            yield from [None] * k
+            continue
+        for batch in pf.iter_batches(batch_size=4096, columns=[col]):
+            for v in batch.column(0).to_pylist():
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield v
 
 
 def preflight(cfg: IngestConfig) -> list[str]:
@@ -349,7 +436,7 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
     elif subject is not None and not isinstance(subject, str):
         raise RowError("bad_row", f"{ref}: column {c.subject!r} is a {type(subject).__name__}, not a string")
     question = question.strip()
-    pid = problem_id(question, [im["bytes"] for im in images], answer)
+    pid = problem_id(question, [im["bytes"] for im in images], answer, choices)
     needs = row.get("needs_image")
     return {
         "problem_id": pid,
@@ -371,9 +458,13 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
 _JSON = json.JSONEncoder(sort_keys=True, default=str)
 
 
-def problem_id(question: str, images: list[bytes], answer: str) -> str:
-    """`stable_hash(question, [stable_hash(image) for image in images], answer)`, computed directly:
-    ingest hashes every row, and the same ids must come out (tests compare them with stable_hash)."""
+def problem_id(question: str, images: list[bytes], answer: str, choices: list[str] | None = None) -> str:
+    """`stable_hash(question, [stable_hash(image) for image in images], answer[, choices])`, computed
+    directly: ingest hashes every row, and the same ids must come out (tests compare them with stable_hash).
+
+    The options are part of a multiple-choice problem (same stem, figure and letter with other options is
+    another problem); a problem without options hashes as before, so its id and cached chains stay.
+    """
     digests = []
     for data in images:
         if not isinstance(data, bytes):
@@ -383,7 +474,7 @@ def problem_id(question: str, images: list[bytes], answer: str) -> str:
         h.update(b"\x1f")
         digests.append(h.hexdigest()[:16])
     h = hashlib.sha256()
-    for part in (question, digests, answer):
+    for part in (question, digests, answer, *([list(choices)] if choices else [])):
         h.update(_JSON.encode(part).encode())
         h.update(b"\x1f")
     return h.hexdigest()[:16]

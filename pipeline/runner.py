@@ -97,6 +97,7 @@ class StageContext:
     run_config: Any
     fingerprint: str
     resume: bool = False
+    previous: Manifest | None = None  # the manifest of this step's last finished run, if any
 
     def input_dirs(self, role: str) -> list[Path]:
         if role not in self.inputs:
@@ -172,7 +173,9 @@ class Runner:
             scfg = self.stage_config(step)
             # run.seed feeds every stage's derived seeds (ctx.seed), so it is part of every fingerprint
             dumped = scfg.model_dump(mode="json")
-            data = {"config": dumped, "run_seed": self.cfg.run.seed, "files": _file_contents(dumped)}
+            # LOGIC_VERSION: bumped in a stage module whenever a code change changes that stage's output
+            data = {"config": dumped, "run_seed": self.cfg.run.seed, "files": _file_contents(dumped),
+                    "logic": getattr(mod, "LOGIC_VERSION", 1)}
             extra = getattr(mod, "fingerprint_extra", None)
             if extra is not None:
                 data["extra"] = extra(scfg)
@@ -201,10 +204,19 @@ class Runner:
             return self.steps[first:]
         return []
 
-    def run(self, stage: str | None = None, from_: str | None = None, force: bool = False) -> dict[str, Manifest]:
-        from pipeline.ray_utils import init_ray
+    def run(self, stage: str | None = None, from_: str | None = None, force: bool = False,
+            command: str | None = None) -> dict[str, Manifest]:
+        """Run the selected steps, holding the run directory's lock (pipeline.runlock) throughout: a second
+        driver on the same run is refused with RunLockedError naming the holder."""
+        from pipeline.runlock import RunLock
 
         forced = {s.name for s in self.select(stage, from_)}
+        with RunLock(self.run_dir, command=command):
+            return self._run_locked(stage, forced, force)
+
+    def _run_locked(self, stage: str | None, forced: set[str], force: bool) -> dict[str, Manifest]:
+        from pipeline.ray_utils import init_ray
+
         todo = [s for s in self.steps if s.name in forced] if stage is not None else self.steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
@@ -240,6 +252,7 @@ class Runner:
             # only stages that read back what they wrote (RESUMABLE = True) may keep a killed attempt's shards
             resumable = getattr(STAGES[step.stage].load(), "RESUMABLE", False)
             resume = resumable and json.loads(progress.read_text()).get("fingerprint") == fp
+        previous = Manifest.load(out)  # read before the step directory is cleared (assess's frozen bounds)
         if not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +269,7 @@ class Runner:
             run_config=self.cfg,
             fingerprint=fp,
             resume=resume,
+            previous=previous,
         )
         log.info("step %s: running%s (fingerprint %s)", step.name, " (resuming)" if resume else "", fp)
         t0 = time.time()

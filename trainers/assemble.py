@@ -56,8 +56,10 @@ def _path_stats(path: str | None) -> dict[str, Any] | None:
     p = Path(path)
     if not p.exists():
         return {"missing": str(p)}
+    from pipeline.paths import file_stat
+
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-    return {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files}
+    return {f.name: file_stat(f)[1:] for f in files}
 
 
 def fingerprint_extra(cfg: AssembleConfig) -> dict:

@@ -122,10 +122,9 @@ def _local_model_stamp(model: str) -> list | None:
     """Sizes and mtimes of a local model directory's files, so rebuilt weights miss the cache."""
     if not model:
         return None
-    p = Path(model)
-    if not p.is_dir():
-        return None
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.iterdir() if f.is_file())
+    from pipeline.paths import tree_stats
+
+    return tree_stats(model) if Path(model).is_dir() else None
 
 
 @dataclass

@@ -194,7 +194,9 @@ def test_mathv_rows_from_the_fast_paths_are_what_pil_and_stable_hash_give(tmp_pa
     assert pq.ParquetFile(next((tmp_path / "a" / "ingest").glob("part-*.parquet"))).metadata.num_row_groups > 1
     for r in table.to_pylist():
         (im,) = r["images"]
-        assert r["problem_id"] == stable_hash(r["question"], [stable_hash(im["bytes"])], r["answer"])
+        # the options are part of a multiple-choice problem's id
+        opts = [r["choices"]] if r["choices"] else []
+        assert r["problem_id"] == stable_hash(r["question"], [stable_hash(im["bytes"])], r["answer"], *opts)
         with Image.open(io.BytesIO(im["bytes"])) as pil:
             assert (im["format"], im["width"], im["height"]) == (pil.format.lower(), *pil.size)
     # the thread-pool path gives the same table, row for row
