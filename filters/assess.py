@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -29,10 +30,13 @@ from pydantic import Field, model_validator
 from pipeline.config import StageConfig
 from pipeline.rundir import Manifest
 from pipeline.schema import QUARANTINE, extend
+from teachers.engines import EngineConfig
 
 log = logging.getLogger(__name__)
 
 TABLES = ("problems", "quarantine")
+# Bumped whenever a code change changes assess's output (2: normalisation against recorded bounds).
+LOGIC_VERSION = 2
 
 SUBSCORES = (
     "qa_sharpness",
@@ -90,7 +94,10 @@ class HeuristicConfig(StageConfig):
 class JudgeConfig(StageConfig):
     """An optional judge model, called through any teacher engine (teachers.engines.make_engine)."""
 
-    engine: dict[str, Any] = Field(description="teacher engine section, e.g. {kind: openai, model: ..., base_url: ...}")
+    engine: EngineConfig = Field(
+        description="teacher engine section, typed and checked like generate.engine "
+        "(e.g. {kind: openai, model: ..., base_url: ..., api_key_env: ...}; a key goes in the environment, never here)"
+    )
     rubric_file: str = Field("judge_rubric.md", description="rubric prompt file: a path, or a name in filters/prompts/")
     weight: float = Field(1.0, ge=0.0, le=1.0, description="share of the judge in each score (rest: heuristics)")
     max_retries: int = Field(2, ge=0, le=10, description="re-asks after a malformed reply (with the error quoted)")
@@ -99,6 +106,18 @@ class JudgeConfig(StageConfig):
     on_failure: Literal["heuristic", "quarantine"] = Field(
         "heuristic", description="a problem whose judge replies stay malformed: heuristic scores, or quarantine"
     )
+    cache: bool = Field(True, description="keep judge replies in the generation cache: re-assessing (new alpha, "
+                        "a grown pool) pays the judge only for problems it has not seen")
+    cache_dir: str | None = Field(None, description="cache directory (default: <run.root>/.cache/generations)")
+
+
+class BoundsConfig(StageConfig):
+    """Explicit normalisation bounds (lo, hi) of the raw scores, instead of the pool's."""
+
+    s_v: tuple[float, float] = (0.0, 1.0)
+    s_t: tuple[float, float] = (0.0, 1.0)
+    s_i: tuple[float, float] = (0.0, 1.0)
+    level_scale: float = Field(0.0, ge=0, description="difficulty level that counts as hardest (0: text cues only)")
 
 
 class AssessConfig(StageConfig):
@@ -117,6 +136,14 @@ class AssessConfig(StageConfig):
         "actors: a fixed ActorPoolStrategy pool (new processes per run; pays off only on long runs)",
     )
     batch_size: int = Field(64, ge=1, description="problems per scoring batch")
+    normalise: Literal["frozen", "pool"] = Field(
+        "frozen",
+        description="frozen: min-max bounds (and the top difficulty level) come from this step's first run and are "
+        "reused when the pool changes (recorded in the manifest; new scores outside them are clipped), so a grown "
+        "pool keeps every existing problem's penalty, budget and cached chains; pool: re-normalise over the "
+        "current pool on every run (the paper's reading; growing the pool changes every problem's sampling)",
+    )
+    bounds: BoundsConfig | None = Field(None, description="explicit bounds; overrides frozen/pool")
 
 
 # --- DRLC --------------------------------------------------------------------------------------------
@@ -138,12 +165,41 @@ def token_budget(c: float, cfg: BudgetConfig) -> int:
     return max(cfg.min_tokens, min(cfg.max_tokens, rounded))
 
 
-def minmax(values: list[float]) -> list[float]:
-    """Min-max normalise to [0, 1]; a constant column carries no ranking information and maps to 0.5."""
-    lo, hi = min(values, default=0.0), max(values, default=0.0)
+def minmax(values: list[float], bounds: tuple[float, float] | None = None) -> list[float]:
+    """Min-max normalise to [0, 1] over `bounds` (default: the values' own range), clipped; a constant
+    column carries no ranking information and maps to 0.5."""
+    lo, hi = bounds if bounds is not None else (min(values, default=0.0), max(values, default=0.0))
     if hi - lo < 1e-12:
         return [0.5] * len(values)
-    return [(v - lo) / (hi - lo) for v in values]
+    return [min(1.0, max(0.0, (v - lo) / (hi - lo))) for v in values]
+
+
+def _scorer_identity(cfg: AssessConfig) -> str:
+    """What the raw scores' scale depends on: bounds recorded under another scorer are not reused."""
+    from pipeline.rundir import stable_hash
+
+    judge = None
+    if cfg.judge is not None:
+        judge = [cfg.judge.engine.cache_identity(), cfg.judge.rubric_file, cfg.judge.weight]
+    return stable_hash(cfg.heuristics.model_dump(), judge, LOGIC_VERSION)
+
+
+def _bounds(cfg: AssessConfig, ctx, sub: dict[int, dict], good: list[int], pool_scale: float) -> dict:
+    """The normalisation record: bounds per score, the top level, and where they came from."""
+    if cfg.bounds is not None:
+        b = cfg.bounds
+        return {"s_v": list(b.s_v), "s_t": list(b.s_t), "s_i": list(b.s_i), "level_scale": b.level_scale,
+                "from": "config"}
+    scorer = _scorer_identity(cfg)
+    prev = getattr(ctx, "previous", None)
+    rec = (prev.metrics.get("normalisation") if prev is not None else None) or {}
+    if cfg.normalise == "frozen" and rec.get("scorer") == scorer and rec.get("s_v") is not None:
+        return {**rec, "from": "previous run"}
+    out: dict[str, Any] = {"level_scale": pool_scale, "scorer": scorer, "from": "pool"}
+    for k in ("s_v", "s_t", "s_i"):
+        vals = [sub[i][k] for i in good]
+        out[k] = [min(vals), max(vals)] if vals else None
+    return out
 
 
 # --- scoring -----------------------------------------------------------------------------------------
@@ -245,21 +301,31 @@ def run(cfg: AssessConfig, ctx) -> Manifest:
     m.rows_in = problems.num_rows
     raw = heuristic_raw(problems, cfg)
     bad = {i for i, r in enumerate(raw) if r.get("error")}
-    scale = _level_scale(problems)
     levels = problems.column("difficulty").to_pylist() if "difficulty" in problems.column_names else [None] * len(raw)
+    pool_scale = _level_scale(problems)
+    prev = (getattr(ctx, "previous", None) and ctx.previous.metrics.get("normalisation")) or {}
+    scale = pool_scale
+    if cfg.bounds is not None:
+        scale = cfg.bounds.level_scale
+    elif cfg.normalise == "frozen" and prev.get("scorer") == _scorer_identity(cfg) and "level_scale" in prev:
+        scale = prev["level_scale"]
     heur = [combine_scores(r, lvl, scale) for r, lvl in zip(raw, levels, strict=True)]
 
     judged: dict[int, dict] = {}
     if cfg.judge is not None and problems.num_rows:
         from filters.judge import judge_problems, load_engine
 
-        engine = load_engine(cfg.judge)
         todo = [i for i in range(problems.num_rows) if i not in bad]
         rows = problems.take(pa.array(todo, pa.int64())).to_pylist() if todo else []
+        cache = _judge_cache(cfg.judge, ctx)
+        engine = load_engine(cfg.judge)
         try:
-            results = judge_problems(engine, rows, cfg.judge, seed=ctx.seed("judge"))
+            # the seed depends on the problem, not its position: a grown pool asks the judge the same questions
+            results = judge_problems(engine, rows, cfg.judge, seed=ctx.seed("judge"), cache=cache)
         finally:
             engine.close()
+        m.metrics["judge_requests"] = sum(r.requests for r in results)
+        m.metrics["judge_cache_hits"] = sum(r.attempts - r.requests for r in results)
         for i, res in zip(todo, results, strict=True):
             if res.scores is not None:
                 judged[i] = res.scores.as_subscores()
@@ -274,9 +340,11 @@ def run(cfg: AssessConfig, ctx) -> Manifest:
     good = [i for i in range(problems.num_rows) if i not in bad]
     w = cfg.judge.weight if cfg.judge else 0.0
     sub = {i: _blend(heur[i], judged.get(i), w) for i in good}
-    s_v = minmax([sub[i]["s_v"] for i in good])
-    s_t = minmax([sub[i]["s_t"] for i in good])
-    s_i = minmax([sub[i]["s_i"] for i in good])
+    norm = _bounds(cfg, ctx, sub, good, scale)
+    m.metrics["normalisation"] = norm
+    s_v = minmax([sub[i]["s_v"] for i in good], _pair(norm["s_v"]))
+    s_t = minmax([sub[i]["s_t"] for i in good], _pair(norm["s_t"]))
+    s_i = minmax([sub[i]["s_i"] for i in good], _pair(norm["s_i"]))
     cols: dict[str, list] = {f.name: [] for f in SCORE_FIELDS}
     for k, i in enumerate(good):
         c = complexity(s_v[k], s_t[k], s_i[k], cfg.beta, cfg.gamma)
@@ -314,6 +382,21 @@ def run(cfg: AssessConfig, ctx) -> Manifest:
         )
     log.info("assess: %d problems scored (%d by judge), %d quarantined", m.kept, len(judged), len(bad))
     return m
+
+
+def _pair(b: list | None) -> tuple[float, float] | None:
+    return (float(b[0]), float(b[1])) if b else None
+
+
+def _judge_cache(jcfg: JudgeConfig, ctx) -> Any:
+    from teachers.cache import GenerationCache
+
+    if not jcfg.cache:
+        return None
+    if jcfg.cache_dir:
+        return GenerationCache(jcfg.cache_dir)
+    root = getattr(getattr(ctx.run_config, "run", None), "root", None)
+    return GenerationCache(Path(root) / ".cache" / "generations") if root else None
 
 
 def _write_quarantine(ctx, problems: pa.Table, raw: list[dict], bad: list[int], m: Manifest) -> None:

@@ -98,6 +98,7 @@ class JudgeResult:
     attempts: int
     error: str | None = None
     raw: str | None = None
+    requests: int = 0  # attempts that went to the engine (the rest came from the cache)
 
 
 def judge_messages(problem: dict[str, Any], rubric: str, text_only: bool = False) -> list[dict[str, Any]]:
@@ -132,13 +133,43 @@ def load_rubric(path: str | None) -> str:
 def load_engine(cfg: Any) -> Any:
     from teachers.engines import make_engine
 
-    return make_engine(dict(cfg.engine))
+    return make_engine(cfg.engine)
 
 
-def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: int = 0) -> list[JudgeResult]:
+def _cached_generate(engine: Any, reqs: list, cache: Any) -> tuple[list, list[bool]]:
+    """engine.generate for the requests the cache lacks; (results in order, came-from-engine flags).
+
+    Keyed like generation (teachers.cache: engine identity, rendered messages, sampling), so the same
+    question to the same judge is never paid twice; errors are not stored."""
+    from teachers.cache import cache_key
+    from teachers.engines import GenResult
+
+    if cache is None:
+        return engine.generate(reqs), [True] * len(reqs)
+    identity = engine.cfg.cache_identity()
+    keys = [cache_key(identity, json.dumps(r.messages, sort_keys=True), r.sampling) for r in reqs]
+    out: list = [None] * len(reqs)
+    for j, k in enumerate(keys):
+        entry = cache.get(k)
+        if entry is not None:
+            out[j] = GenResult(**{f: entry.get(f) for f in ("text", "reasoning", "response", "finish_reason")})
+    miss = [j for j, r in enumerate(out) if r is None]
+    if miss:
+        for j, res in zip(miss, engine.generate([reqs[j] for j in miss]), strict=True):
+            out[j] = res
+            if res.finish_reason != "error":
+                cache.put(keys[j], {"text": res.text, "reasoning": res.reasoning, "response": res.response,
+                                    "finish_reason": res.finish_reason})
+    fresh = set(miss)
+    return out, [j in fresh for j in range(len(reqs))]
+
+
+def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: int = 0,
+                   cache: Any = None) -> list[JudgeResult]:
     """Score `problems` (rows of the problems table) with `engine`; one JudgeResult per row, in order.
 
     All pending problems go to the engine in one batch per attempt, so batch engines stay efficient.
+    With `cache` (a teachers.cache.GenerationCache) replies already paid for are read back instead.
     """
     from teachers.engines import GenRequest
 
@@ -146,6 +177,7 @@ def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: 
     text_only = bool(getattr(getattr(engine, "cfg", None), "text_only", False))
     convs = [judge_messages(p, rubric, text_only) for p in problems]
     results: list[JudgeResult | None] = [None] * len(problems)
+    n_req = [0] * len(problems)
     last: dict[int, tuple[str | None, str]] = {}
     pending = list(range(len(problems)))
     for attempt in range(cfg.max_retries + 1):
@@ -162,9 +194,10 @@ def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: 
             GenRequest(messages=convs[i], sampling=dict(sampling), problem=problems[i], request_id=f"judge-{i}-{attempt}")
             for i in pending
         ]
-        outs = engine.generate(reqs)
+        outs, fresh = _cached_generate(engine, reqs, cache)
         still = []
-        for i, out in zip(pending, outs, strict=True):
+        for i, out, paid in zip(pending, outs, fresh, strict=True):
+            n_req[i] += int(paid)
             text = out.response if out.response else out.text
             if out.finish_reason == "error":
                 last[i] = (text, f"engine error: {out.error}")
@@ -184,11 +217,11 @@ def judge_problems(engine: Any, problems: list[dict[str, Any]], cfg: Any, seed: 
                 ]
                 still.append(i)
                 continue
-            results[i] = JudgeResult(scores=scores, attempts=attempt + 1, raw=text)
+            results[i] = JudgeResult(scores=scores, attempts=attempt + 1, raw=text, requests=n_req[i])
         pending = still
     for i in pending:
         text, err = last[i]
-        results[i] = JudgeResult(scores=None, attempts=cfg.max_retries + 1, error=err, raw=text)
+        results[i] = JudgeResult(scores=None, attempts=cfg.max_retries + 1, error=err, raw=text, requests=n_req[i])
         log.warning("judge: problem %s: no valid reply after %d attempts: %s",
                     problems[i].get("problem_id"), cfg.max_retries + 1, err)
     return [r for r in results if r is not None]

@@ -186,7 +186,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     resolved = resolve_tree(raw, base)
     run = resolved.get("run")
     if isinstance(run, dict):
-        root = run.get("root", "runs")
+        root = (raw.get("run") or {}).get("root", "runs")  # as written: resolve_tree made it absolute
         if not (isinstance(root, str) and Path(root).expanduser().is_absolute()):
             env_root = os.environ.get(ROOT_ENV)
             run["root"] = str(Path(env_root).expanduser().resolve()) if env_root else str((base / str(root)).resolve())

@@ -114,7 +114,7 @@ def fingerprint_extra(cfg: IngestConfig) -> dict:
     its rows name, digested per source, so an edited input or a replaced image re-runs ingest and nothing
     else beside the data (run directories, .git, a venv) does. `limit`s are honoured as ingest honours them."""
     out = {}
-    left = cfg.limit
+    left = getattr(cfg, "limit", None)  # decontaminate and evaluate pass a bare namespace of sources
     for s in cfg.sources:
         if left is not None and left <= 0:
             break

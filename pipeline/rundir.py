@@ -334,6 +334,14 @@ def versions() -> dict[str, str]:
         out["ray"] = ray.__version__
     except ImportError:
         pass
+    from importlib import metadata
+
+    # The libraries whose behaviour changes a stage's output, read from package metadata (nothing imported).
+    for dist in ("math-verify", "sympy", "transformers", "torch", "deepspeed", "vllm", "openai"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
     from pipeline import __version__
 
     out["r1v"] = __version__

@@ -27,10 +27,15 @@ class RowSampler:
     warped log-probabilities makes the argmax an exact sample of the warped distribution.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], prompt_len: int, eos_id: int, device: Any) -> None:
+    def __init__(self, rows: list[dict[str, Any]], prompt_len: int, eos_id: int, device: Any,
+                 pad_lens: list[int] | None = None) -> None:
         import torch
 
         self.prompt_len = prompt_len
+        # Left-padding positions of each row: not text the row has seen, so never penalised (where pad = EOS,
+        # as R1-distill tokenizers ship, penalising them would lower EOS only in padded rows).
+        self.pad_lens = torch.tensor(pad_lens or [0] * len(rows), device=device).unsqueeze(1)
+        self.any_pad = bool(pad_lens) and max(pad_lens) > 0
         self.eos_id = eos_id
         self.penalty = torch.tensor([float(r["repetition_penalty"]) for r in rows], device=device).unsqueeze(1)
         self.temperature = [float(r["temperature"]) for r in rows]
@@ -51,10 +56,17 @@ class RowSampler:
         import torch
 
         scores = scores.float()
-        # Repetition penalty as in CTRL / transformers' RepetitionPenaltyLogitsProcessor, one value per row.
-        seen = torch.gather(scores, 1, input_ids)
-        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        scores = scores.scatter(1, input_ids, seen)
+        # Repetition penalty as in CTRL / transformers' RepetitionPenaltyLogitsProcessor, one value per row,
+        # over the tokens each row holds (its padding excluded).
+        penalty = self.penalty.to(scores.device)
+        penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+        if self.any_pad:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            real = (pos >= self.pad_lens.to(input_ids.device)).to(scores.dtype)
+            seen = torch.zeros_like(scores).scatter_add_(1, input_ids, real) > 0
+        else:
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
+        scores = torch.where(seen, penalised, scores)
         temp = self.temperature_t.to(scores.device)
         logp = torch.log_softmax(scores / temp.clamp_min(1e-6), dim=-1)
         if self.any_top_p:
@@ -168,7 +180,8 @@ class HFEngine:
         try:
             enc = self._inputs(reqs).to(self.device)
             prompt_len = enc["input_ids"].shape[1]
-            sampler = RowSampler(rows, prompt_len, self.eos_id, self.device)
+            pad_lens = (prompt_len - enc["attention_mask"].sum(dim=1)).tolist()  # left padding per row
+            sampler = RowSampler(rows, prompt_len, self.eos_id, self.device, pad_lens)
             gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max(r["max_tokens"] for r in rows) + 1,
                                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id)
             with torch.inference_mode():

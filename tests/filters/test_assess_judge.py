@@ -191,3 +191,28 @@ def test_scripted_engine_as_judge_falls_back(tmp_path):
     m = run_stage(assess, cfg, run, "assess", {"problems": ["ingest"]})
     assert m.kept == 2 and m.metrics["judge_failed"] == 2 and m.metrics["judge_attempts"] == 4
     assert {r["assess_source"] for r in read_table(run / "assess").to_pylist()} == {"heuristic"}
+
+
+def test_judge_replies_are_cached_so_a_new_alpha_does_not_pay_the_judge_again(tmp_path):
+    run = tmp_path / "run"
+    write_step(run, "ingest", PROBLEMS, "problems", _problems())
+    with JudgeServer() as srv:
+        cfg = _judge_cfg(srv.url, cache_dir=str(tmp_path / "cache"))
+        m1 = run_stage(assess, AssessConfig(workers=0, judge=cfg), run, "assess", {"problems": ["ingest"]})
+        paid = len(srv.requests)
+        assert paid == 7 and m1.metrics["judge_requests"] == 7
+        m2 = run_stage(assess, AssessConfig(workers=0, alpha=0.9, judge=cfg), run, "assess", {"problems": ["ingest"]})
+        assert len(srv.requests) == paid, "the same questions to the same judge must come from the cache"
+        assert m2.metrics["judge_requests"] == 0 and m2.metrics["judge_cache_hits"] == 7
+        assert (m2.metrics["judge_ok"], m2.metrics["judge_failed"]) == (3, 1)
+        assert m2.metrics["penalty_max"] > m1.metrics["penalty_max"]
+
+
+def test_judge_engine_is_typed_like_the_generate_engine():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="api_key"):
+        JudgeConfig(engine={"kind": "openai", "model": "j", "api_key": "sk-live-123"})
+    with pytest.raises(ValidationError, match="kind"):
+        JudgeConfig(engine={"kind": "gpt4o"})
+    assert JudgeConfig(engine={"kind": "openai", "model": "j"}).engine.max_retries == 6

@@ -70,8 +70,9 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+def _submit(address: str, env: dict, args: list[str], job_env: dict | None = None) -> subprocess.CompletedProcess:
+    rt = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), *rt, "--",
            sys.executable, "-m", "pipeline.cli", "run", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
 
@@ -104,3 +105,60 @@ def test_ray_job_submit_runs_the_whole_demo(ray_head, tmp_path):
     assert len(manifests) >= 2
     for m in manifests:
         m.check_counts()
+
+
+# The data steps of the demo (generate with its cache, filter, curate, three rounds); the trainer's
+# sections are switched off on the command line.
+_DATA_ONLY = ["assemble=null", "train=null", "evaluate=null"]
+
+
+def _manifest_stamps(run_dir: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/_manifest.json")}
+
+
+def _two_submissions(ray_head, tmp_path, extra: list[str]) -> None:
+    """Submit the demo as the README says (the run root from R1V_ROOT in the job's runtime env, no
+    run.root override), submit it again, then `r1v status` from outside the job."""
+    address, env = ray_head
+    root = tmp_path / "shared-root"
+    t0 = time.time()
+    r1 = _submit(address, env, ["configs/demo.yaml", *extra], job_env={"R1V_ROOT": str(root)})
+    t1 = time.time()
+    assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
+    run_dir = root / "demo"
+    first = _manifest_stamps(run_dir)
+    gen = [Manifest.load(run_dir / s) for s in first if s.startswith("generate")]
+    engine_calls_1 = sum(m.metrics["requests"] for m in gen)
+    assert engine_calls_1 > 0
+    r2 = _submit(address, env, ["configs/demo.yaml", *extra], job_env={"R1V_ROOT": str(root)})
+    t2 = time.time()
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    log2 = r2.stdout + r2.stderr
+    # every finished step skipped: no manifest rewritten, so no generate step ran and no engine was called
+    assert _manifest_stamps(run_dir) == first
+    assert log2.count("skipped") >= len(first), log2[-3000:]
+    assert "running (fingerprint" not in log2
+    st = subprocess.run([str(BIN / "r1v"), "status", str(run_dir)], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert st.returncode == 0, st.stderr
+    assert "stale" not in st.stdout and "missing" not in st.stdout and st.stdout.count("done") >= len(first)
+    print(f"\nray job: first submission {t1 - t0:.1f}s, {engine_calls_1} engine calls over {len(gen)} generate "
+          f"steps; second {t2 - t1:.1f}s, 0 engine calls, {len(first)} steps skipped", file=sys.__stderr__)
+    print(st.stdout, file=sys.__stderr__)
+
+
+def test_ray_job_submitted_twice_keeps_its_run_and_skips_every_finished_step(ray_head, tmp_path):
+    _two_submissions(ray_head, tmp_path, _DATA_ONLY)
+
+
+@pytest.mark.slow
+def test_ray_job_whole_demo_submitted_twice(ray_head, tmp_path):
+    _two_submissions(ray_head, tmp_path, [])
+
+
+def test_ray_job_with_a_relative_root_is_refused_saying_what_to_set(ray_head, tmp_path):
+    address, env = ray_head
+    r = _submit(address, env, ["configs/demo.yaml", "--stage", "ingest"])
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "run.root='../runs'" in out and "R1V_ROOT" in out and "deleted when the job ends" in out

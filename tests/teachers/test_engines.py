@@ -152,3 +152,43 @@ def test_hf_rows_do_not_depend_on_batch_neighbours(tiny_chat_model, one_torch_th
     mm = render_messages(synthetic_problems(1)[0], PromptConfig(), text_only=False)
     bad, good = eng.generate([GenRequest(messages=mm, sampling=greedy), reqs[0]])
     assert bad.error_kind == "bad_input" and bad.finish_reason == "error" and good.text == together[0].text
+
+
+def test_row_sampler_does_not_penalise_left_padding():
+    """pad = EOS (as R1-distill tokenizers ship): the padding must not count as a seen EOS."""
+    import torch
+
+    from teachers.engines.hf import RowSampler
+
+    row = {"temperature": 0, "top_p": 1.0, "max_tokens": 10, "repetition_penalty": 2.0, "seed": 0}
+    scores = torch.tensor([[1.0, 3.0, 1.0, 2.0, -2.0]])
+    alone = RowSampler([row], prompt_len=2, eos_id=1, device="cpu", pad_lens=[0])(torch.tensor([[3, 4]]), scores.clone())
+    # the same row left-padded with two EOS (id 1) in a batch whose longest prompt has 4 tokens
+    padded = RowSampler([row], prompt_len=4, eos_id=1, device="cpu", pad_lens=[2])(torch.tensor([[1, 1, 3, 4]]), scores.clone())
+    assert padded.tolist() == alone.tolist() == [[1.0, 3.0, 1.0, 1.0, -4.0]]
+    # an EOS the row really holds is penalised
+    real = RowSampler([row], prompt_len=4, eos_id=1, device="cpu", pad_lens=[1])(torch.tensor([[1, 1, 3, 4]]), scores.clone())
+    assert real[0, 1].item() == 1.5
+
+
+def test_hf_output_does_not_depend_on_batch_neighbours_when_pad_is_eos(tiny_chat_model, tmp_path, one_torch_thread):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "pad-eos"
+    shutil.copytree(tiny_chat_model, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(d)
+    eng = make_engine(HFEngineConfig(model=str(d), text_only=True, batch_size=8))
+    assert eng.tokenizer.pad_token_id == eng.eos_id
+    problems = [{**p, "images": None} for p in synthetic_problems(6)]
+    long = {**problems[0], "question": problems[0]["question"] * 6}
+    greedy = {"temperature": 0, "top_p": 1.0, "max_tokens": 48, "seed": 0, "repetition_penalty": 1.8}
+    reqs = [GenRequest(messages=render_messages(p, PromptConfig(), True), sampling=greedy) for p in problems]
+    neighbour = GenRequest(messages=render_messages(long, PromptConfig(), True), sampling=greedy)
+    alone = [eng.generate([r])[0] for r in reqs]
+    batched = eng.generate([neighbour, *reqs])[1:]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
