@@ -35,6 +35,7 @@ from teachers.engines import EngineConfig
 log = logging.getLogger(__name__)
 
 TABLES = ("problems", "quarantine")
+ROWS_FROM = "problems"
 # Bumped whenever a code change changes assess's output (2: normalisation against recorded bounds).
 LOGIC_VERSION = 2
 

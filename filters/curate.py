@@ -37,6 +37,7 @@ from pipeline.schema import SFT
 log = logging.getLogger(__name__)
 
 TABLES = ("sft", "retry")
+ROWS_FROM = "chains"  # rows_in = the rows of the chains input (pipeline.runner checks and records it)
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_SYSTEM_PROMPT = Path(__file__).resolve().parent / "prompts" / "sft_system.txt"
@@ -240,10 +241,11 @@ def _attempted(ctx, problem_ids: list[str], chains: list[dict]) -> set[str]:
     seen = {c["problem_id"] for c in chains}
     if ctx.round == 0:
         return set(problem_ids) | seen
-    prev = ctx.run_dir / ("curate" if ctx.round == 1 else f"curate-r{ctx.round - 1}") / "retry"
-    if shard_files(prev):
-        return set(read_table(prev, ["problem_id"]).column("problem_id").to_pylist()) | seen
-    return seen
+    wanted: set[str] = set()
+    for d in (ctx.input_dirs("retry") if "retry" in ctx.inputs else []):  # declared by the plan for round > 0
+        if shard_files(d / "retry"):
+            wanted |= set(read_table(d / "retry", ["problem_id"]).column("problem_id").to_pylist())
+    return wanted | seen
 
 
 def run(cfg: CurateConfig, ctx) -> Manifest:

@@ -47,6 +47,7 @@ from pipeline.rundir import Manifest
 log = logging.getLogger(__name__)
 
 TABLES = ("problems", "decontam_matches")
+ROWS_FROM = "problems"
 
 MATCHES = pa.schema(
     [

@@ -45,6 +45,7 @@ from pipeline.schema import CHAINS, PROBLEMS, extend
 log = logging.getLogger(__name__)
 
 TABLES = ("chains", "problems")
+ROWS_FROM = "chains"  # rows_in = the rows of the chains input (pipeline.runner records how they chain)
 
 FILTERED = extend(
     CHAINS,

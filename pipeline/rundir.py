@@ -298,6 +298,11 @@ class Manifest(BaseModel):
     started_at: float = 0.0
     wall_s: float = 0.0
     versions: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="where rows_in came from: per input step the rows of its table read, its kept count, and "
+        "the rows it dropped or quarantined yet kept in its table (so rows_in = their sum, said exactly)",
+    )
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -76,7 +76,10 @@ def plan(cfg: Any) -> list[Step]:
         if has["curate"]:
             up = _round_name("filter", r) if has["filter"] else gen
             cur = _round_name("curate", r)
-            steps.append(Step(cur, "curate", r, {"chains": [up], "problems": [problems]}))
+            cur_inputs = {"chains": [up], "problems": [problems]}
+            if r > 0:
+                cur_inputs["retry"] = [_round_name("curate", r - 1)]  # the problems this round attempted
+            steps.append(Step(cur, "curate", r, cur_inputs))
             curated.append(cur)
     extra_plan = getattr(STAGES.get("train") and STAGES["train"].load(), "plan_steps", None)
     if extra_plan is not None and getattr(cfg, "train", None) is not None:
@@ -241,6 +244,32 @@ class Runner:
             results[step.name] = self._run_step(step)
         return results
 
+    def _chain_counts(self, step: Step, m: Manifest) -> None:
+        """Record how rows_in follows from the input steps' manifests (`ROWS_FROM` names the role whose
+        table the stage counts as rows_in): rows_in = the rows of those tables = their kept rows plus the
+        rows they dropped or quarantined but kept in the table for inspection, each stated. A stage whose
+        rows_in does not chain is logged and marked `chained: false`."""
+        role = getattr(STAGES[step.stage].load(), "ROWS_FROM", None)
+        if not role or not step.inputs.get(role):
+            return
+        per, total, kept = {}, 0, 0
+        for u in step.inputs[role]:
+            um = Manifest.load(self.run_dir / u)
+            if um is None:
+                continue
+            tables = getattr(STAGES[self.by_name[u].stage].load(), "TABLES", ())
+            rows = um.outputs.get(tables[0], um.kept) if tables else um.kept
+            extra = rows - um.kept
+            carried_q = min(extra, sum(um.quarantined.values()))
+            per[u] = {"rows": rows, "kept": um.kept, "carried_quarantined": carried_q,
+                      "carried_dropped": extra - carried_q}
+            total, kept = total + rows, kept + um.kept
+        other = m.metrics.get("rows_in_other", 0)  # rows a stage reads from elsewhere (it says which)
+        m.inputs = {"role": role, "steps": per, "rows": total, "upstream_kept": kept,
+                    "chained": m.rows_in == total + other}
+        if not m.inputs["chained"]:
+            log.warning("step %s: rows_in %d but its %r inputs hold %d rows (%s)", step.name, m.rows_in, role, total, per)
+
     def _run_step(self, step: Step) -> Manifest:
         out = self.run_dir / step.name
         fp = self.fingerprint(step)
@@ -281,6 +310,7 @@ class Runner:
         m.started_at, m.wall_s = t0, round(time.time() - t0, 3)
         m.versions = versions()
         m.check_counts()
+        self._chain_counts(step, m)
         atomic_write_bytes(out / "config.yaml", dump_yaml(self.cfg).encode())
         m.write(out)
         progress.unlink(missing_ok=True)

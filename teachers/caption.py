@@ -32,6 +32,7 @@ from teachers.render import prompt_record, read_prompt_file
 log = logging.getLogger(__name__)
 
 TABLES = ("problems",)
+ROWS_FROM = "problems"
 DESCRIPTION = pa.field("image_description", pa.string())
 
 

@@ -53,6 +53,7 @@ TRAIN_LOG = pa.schema(
     ]
 )
 TABLES = ("train_log", "sft")
+ROWS_FROM = "sft"
 # A killed attempt's checkpoints/ are kept and training continues from the latest one; the tables are
 # rewritten in full (resume=False), so nothing is duplicated.
 RESUMABLE = True

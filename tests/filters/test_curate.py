@@ -191,8 +191,8 @@ def test_curate_round_one_uses_previous_retry_list(tmp_path):
     # Round 1 generated only for p2 and p3; p3 failed again, p2 is solved now.
     chains_r1 = [_chain("y", "p2", round_=1), _chain("z", "p3", keep=False, verdict="wrong", round_=1)]
     write_step(run, "filter-r1", FILTERED, "chains", chains_r1, round_=1)
-    m = run_stage(curate, CurateConfig(), run, "curate-r1", {"chains": ["filter-r1"], "problems": ["assess"]},
-                  round_=1)
+    m = run_stage(curate, CurateConfig(), run, "curate-r1",
+                  {"chains": ["filter-r1"], "problems": ["assess"], "retry": ["curate"]}, round_=1)
     assert (m.rows_in, m.kept, m.dropped) == (2, 1, {"filtered_out": 1})
     assert m.metrics["problems_attempted"] == 2
     retry = read_table(run / "curate-r1" / "retry").to_pylist()
@@ -218,3 +218,17 @@ def test_missing_columns_named(tmp_path):
     write_step(run, "filter", CHAINS, "chains", [_chain("a", "p1")])  # no keep/verdict/quality columns
     with pytest.raises(KeyError, match="keep"):
         run_stage(curate, CurateConfig(), run, "curate", {"chains": ["filter"], "problems": ["assess"]})
+
+
+def test_curate_reads_the_retry_list_it_is_given_as_an_input(tmp_path):
+    """The previous round's retry list is a declared input (any step name), not a path curate guesses:
+    a retried problem that got no chain at all stays on the list as no_chains."""
+    problems = [_problem("p1", 0), _problem("p2", 1), _problem("p3", 2)]
+    run = _setup(tmp_path, [_chain("x", "p1")], problems)
+    run_stage(curate, CurateConfig(), run, "curate-a", {"chains": ["filter"], "problems": ["assess"]})
+    write_step(run, "filter-b", FILTERED, "chains", [_chain("y", "p2", round_=1)], round_=1)
+    m = run_stage(curate, CurateConfig(), run, "curate-b",
+                  {"chains": ["filter-b"], "problems": ["assess"], "retry": ["curate-a"]}, round_=1)
+    assert m.metrics["problems_attempted"] == 3 - 1  # p2, p3 (p1 was solved in round 0)
+    retry = read_table(run / "curate-b" / "retry").to_pylist()
+    assert [(x["problem_id"], x["reason"]) for x in retry] == [("p3", "no_chains")]

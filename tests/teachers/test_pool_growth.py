@@ -59,3 +59,24 @@ def test_growing_the_pool_pays_only_for_new_problems(tmp_path, ray_local, normal
         # re-normalising over the grown pool moves the old problems' penalties and budgets: chains re-bought
         assert am.metrics["normalisation"]["from"] == "pool"
         assert calls > new_chains
+
+
+def test_manifest_counts_chain_and_say_what_differs(tmp_path, ray_local):
+    """A text-only teacher without captions: generate quarantines those samples (bad_input) but keeps them
+    in its table; filter's rows_in = generate's kept + those quarantined rows, stated in its manifest."""
+    r = _run(tmp_path, 30, "caption=null", "generate.engine.text_only=true", "rounds.count=2")
+    g, f = Manifest.load(r.run_dir / "generate"), Manifest.load(r.run_dir / "filter")
+    q = sum(g.quarantined.values())
+    assert q > 0 and g.kept > 0
+    assert f.rows_in == g.kept + q
+    assert f.inputs["steps"]["generate"] == {"rows": g.kept + q, "kept": g.kept, "carried_quarantined": q,
+                                             "carried_dropped": 0}
+    assert f.dropped["generation_error"] == q
+    c = Manifest.load(r.run_dir / "curate")
+    assert c.inputs["steps"]["filter"]["carried_dropped"] == sum(f.dropped.values())
+    for step in r.steps:
+        m = Manifest.load(r.run_dir / step.name)
+        if m.inputs:
+            assert m.inputs["chained"], (step.name, m.inputs, m.rows_in)
+    # round 1's curate declares round 0's retry list as an input
+    assert "curate" in Manifest.load(r.run_dir / "curate-r1").upstream
