@@ -63,8 +63,13 @@ def _path_stats(path: str | None) -> dict[str, Any] | None:
 
 
 def fingerprint_extra(cfg: AssembleConfig) -> dict:
+    """Checkpoint stamps, and the chat template the student is saved with (by content)."""
+    from pipeline.rundir import stable_hash
+    from trainers.model import TEMPLATES
+
+    tpl = TEMPLATES / f"{cfg.chat_template}.jinja"
     return {"vision": _path_stats(cfg.vision_path), "llm": _path_stats(cfg.llm_path),
-            "from": _path_stats(cfg.reassemble_from)}
+            "from": _path_stats(cfg.reassemble_from), "chat_template": stable_hash(tpl.read_bytes()) if tpl.is_file() else None}
 
 
 def _count(model, key: str) -> int:

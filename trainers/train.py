@@ -213,10 +213,16 @@ def _model_dir(cfg: TrainConfig, ctx: Any) -> Path:
 
 
 def fingerprint_extra(cfg: TrainConfig) -> dict:
-    """A changed init checkpoint re-runs training (steps fed by `assemble` get its fingerprint instead)."""
+    """A changed init checkpoint re-runs training (steps fed by `assemble` get its fingerprint instead), and
+    so does an edited DeepSpeed JSON (by content: the shipped ones live in the package, whose path and
+    mtimes differ between a checkout and Ray's copy of it)."""
+    from pipeline.rundir import stable_hash
     from trainers.assemble import _path_stats
+    from trainers.loop import DEEPSPEED_DIR
 
-    return {"init_from": _path_stats(cfg.init_from)}
+    ds = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_DIR / f"zero{cfg.zero_stage}.json"
+    return {"init_from": _path_stats(cfg.init_from),
+            "deepspeed": stable_hash(ds.read_bytes()) if ds.is_file() else None}
 
 
 def run(cfg: TrainConfig, ctx: Any) -> Manifest:

@@ -214,3 +214,43 @@ def test_multiple_choice_problems_with_other_options_are_other_problems(tmp_path
     assert out[0][1]["problem_id"] != out[1][1]["problem_id"]
     # problems without options keep their ids
     assert problem_id("q", [], "1") == problem_id("q", [], "1", None)
+
+
+def test_files_a_stage_output_depends_on_are_in_its_fingerprint(tmp_path):
+    """DeepSpeed JSON (train), the student's chat template (assemble), a prompt file beside the config."""
+    ds = tmp_path / "configs" / "ds.json"
+    ds.parent.mkdir()
+    shutil.copy(REPO / "configs" / "deepspeed" / "zero2.json", ds)
+    (tmp_path / "configs" / "system.txt").write_text("Think first.")
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["train"]["deepspeed_config"] = "ds.json"
+    raw["generate"]["prompt"] = {"system_prompt_file": "system.txt"}
+    cfg_path = tmp_path / "configs" / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+
+    def fps():
+        r = Runner(load_config(cfg_path, [f"run.root={tmp_path / 'runs'}"]))
+        return {s.name: r.fingerprint(s) for s in r.steps}
+
+    base = fps()
+    ds.write_text(ds.read_text().replace('"gradient_clipping"', '"gradient_clipping_"'))
+    after_ds = fps()
+    assert after_ds["train"] != base["train"] and after_ds["assemble"] == base["assemble"]
+    assert after_ds["generate"] == base["generate"]
+    (tmp_path / "configs" / "system.txt").write_text("Think twice.")
+    after_prompt = fps()
+    assert after_prompt["generate"] != after_ds["generate"] and after_prompt["ingest"] == after_ds["ingest"]
+
+
+def test_chat_template_edit_changes_assemble_fingerprint(tmp_path, monkeypatch):
+    import trainers.model as model_mod
+    from trainers.assemble import fingerprint_extra as assemble_extra
+    from trainers.model import AssembleConfig
+
+    tpl = tmp_path / "templates"
+    shutil.copytree(model_mod.TEMPLATES, tpl)
+    monkeypatch.setattr(model_mod, "TEMPLATES", tpl)
+    cfg = AssembleConfig(init="tiny_random")
+    before = assemble_extra(cfg)
+    (tpl / "chatml_think.jinja").write_text((tpl / "chatml_think.jinja").read_text() + "\n")
+    assert assemble_extra(cfg) != before
