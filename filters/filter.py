@@ -330,6 +330,9 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
     chains = chains.append_column("_idx", pa.array(range(chains.num_rows), type=pa.int64()))
     chains = _problem_columns(chains, problems)
     verdicts: Counter = Counter()
+    formats: Counter = Counter()
+    sources: Counter = Counter()
+    cuts: Counter = Counter()
     n_loop, q_sum, t_verify = 0, 0.0, 0.0
     parts = _run_batches(chains, cfg) if chains.num_rows else []
     # always rewritten whole (resume=False): scoring is cheap next to generation, and shards left by a
@@ -339,9 +342,14 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
             result = pa.concat_tables(parts).sort_by("_idx")  # the input order, whatever the actors' order
             if result.num_rows != chains.num_rows:
                 raise RuntimeError(f"filter: {chains.num_rows} chains in but {result.num_rows} scored")
-            d = result.select(["verdict", "keep", "drop_reason", "loop_detected", "quality", "verify_s"]).to_pydict()
-            for verdict, keep, reason, loop, q, vs in zip(*d.values(), strict=True):
+            d = result.select(["verdict", "keep", "drop_reason", "loop_detected", "quality", "verify_s", "trace_format",
+                               "pred_source", "verify_detail"]).to_pydict()
+            for verdict, keep, reason, loop, q, vs, fmt, psrc, detail in zip(*d.values(), strict=True):
                 verdicts[verdict] += 1
+                formats[fmt] += 1
+                sources[psrc or "none"] += 1
+                if verdict == "truncated":
+                    cuts[_cut_kind(detail)] += 1
                 n_loop += bool(loop)
                 t_verify += vs or 0.0
                 if keep:
@@ -355,9 +363,40 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
         verdicts=dict(verdicts),
         loops=n_loop,
         mean_kept_quality=round(q_sum / m.kept, 4) if m.kept else None,
+        trace_formats=dict(formats),
+        pred_sources=dict(sources),
+        truncation=dict(cuts),
         verify_s_total=round(t_verify, 3),
         chains_per_s=round(chains.num_rows / max(1e-9, time.perf_counter() - t0), 2),
         workers=cfg.workers,
     )
-    log.info("filter: %d chains | kept %d | verdicts %s", chains.num_rows, m.kept, dict(verdicts))
+    warnings = _warnings(cfg, formats, verdicts, chains.num_rows)
+    if warnings:
+        m.metrics["warnings"] = warnings
+        for w in warnings:
+            log.warning("filter: %s", w)
+    log.info("filter: %d chains | kept %d | verdicts %s | formats %s", chains.num_rows, m.kept, dict(verdicts),
+             dict(formats))
     return m
+
+
+def _cut_kind(detail: str | None) -> str:
+    """The truncation evidence without its numbers: "finish_reason=length", "ends mid-sentence", …"""
+    d = detail or "unknown"
+    return "completion_tokens at the budget" if d.startswith("completion_tokens") else d
+
+
+def _warnings(cfg: FilterConfig, formats: Counter, verdicts: Counter, n: int) -> list[str]:
+    """What a user should look at before trusting the counts: a declared trace format most rows do not
+    carry, or most chains without an extractable answer (a format or answer style the filter misreads)."""
+    out = []
+    declared = cfg.source.declared_format() if cfg.source is not None else "auto"
+    if declared != "auto" and n:
+        agree = formats.get(declared, 0)
+        if agree * 2 < n:
+            out.append(f"filter.source.format is {declared!r} but only {agree} of {n} chains carry it "
+                       f"(detected: {dict(formats)}); rows are split by what they carry")
+    if n >= 20 and verdicts.get("no_answer", 0) * 5 > n:
+        out.append(f"{verdicts['no_answer']} of {n} chains have no extractable answer: check pred_source and "
+                   "the traces' answer format")
+    return out
