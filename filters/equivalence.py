@@ -33,8 +33,25 @@ def surface(s: str) -> str:
     for _ in range(3):
         s = _WRAP_CMD.sub(r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\displaystyle", "")
+    s = s.replace("\\displaystyle", "").replace("\\varnothing", "\\emptyset").replace("\\{\\}", "\\emptyset")
     return _SPACES.sub("", s).strip(".")
+
+
+_CLOCK = re.compile(r"0?(\d{1,2}):([0-5]\d)(?::([0-5]\d))?(am|pm|a\.m|p\.m)?", re.I)
+
+
+def clock_time(s: str) -> tuple[str, str] | None:
+    """A clock time ("9:30", "09:30 AM", "9:30\\text{ pm}") as (h:mm[:ss], am/pm or ""), or None."""
+    m = _CLOCK.fullmatch(surface(s).replace(".", "") if "m." in s.lower() else surface(s))
+    if m is None:
+        return None
+    ampm = (m.group(4) or "").replace(".", "").lower()
+    return f"{int(m.group(1))}:{m.group(2)}{':' + m.group(3) if m.group(3) else ''}", ampm
+
+
+def same_time(a: tuple[str, str], b: tuple[str, str] | None) -> bool:
+    """Equal clock readings; AM/PM must agree only when both sides give it."""
+    return b is not None and a[0] == b[0] and (not a[1] or not b[1] or a[1] == b[1])
 
 
 def identical(pred: str, gold: str) -> bool:
@@ -76,7 +93,7 @@ def damaged_gold(gold: str) -> str | None:
 
 # ------------------------------------------------------------------ assignments, number spellings
 
-_LHS = r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+(?:\s*[a-zA-Z])?|[a-zA-Z]\([a-z]\))"
+_LHS = r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+(?:\s*[a-zA-Z])?|[a-zA-Z]\(\w+\))"
 _ASSIGN = re.compile(rf"^\s*(?:{_LHS}|\(\s*{_LHS}(?:\s*,\s*{_LHS})+\s*\))\s*=\s*(?=[^=]+$)")
 
 

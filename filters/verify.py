@@ -197,7 +197,8 @@ def _check_expression(pred: str, gold: str, choices: Any, opts: dict) -> tuple[s
             if gv and pv and gv != pv:
                 return "wrong", "relations differ: other variable"
             return ("correct", "") if _sets_equal(gs, ps, opts) else ("wrong", "relations differ")
-    return ("correct", "") if _eq(list(G), list(P), opts) else ("wrong", "")
+    # a list compare first (several parsed readings), then the first readings (rounded decimals)
+    return ("correct", "") if _eq(list(G), list(P), opts) or _eq(G[0], P[0], opts) else ("wrong", "")
 
 
 def _membership(x: Any) -> bool:
@@ -304,7 +305,11 @@ def _split_elements(s: str) -> list[str]:
         else:
             cur.append(ch)
     parts.append("".join(cur))
-    return [_ASSIGN.sub("", p).strip() for p in parts if p.strip()]
+    out = []
+    for p in (_ASSIGN.sub("", p).strip() for p in parts if p.strip()):
+        pm = re.match(r"^(.*?)(?:\\pm|±)\s*(.+)$", p)
+        out += [f"{pm.group(1)}-{pm.group(2)}", f"{pm.group(1)}+{pm.group(2)}"] if pm else [p]  # "\pm 2": two
+    return out
 
 
 def _balanced(s: str) -> bool:
@@ -435,7 +440,7 @@ def _check_text(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, st
     if _norm_text(pred) == _norm_text(gold):
         return "correct", ""
     G, P = _parse(clean_answer(gold)), _parse(clean_answer(pred))
-    return ("correct", "") if G and P and _eq(list(G), list(P), opts) else ("wrong", "")
+    return ("correct", "") if G and P and (_eq(list(G), list(P), opts) or _eq(G[0], P[0], opts)) else ("wrong", "")
 
 
 VERIFIERS = {
@@ -503,6 +508,9 @@ def check_answer(
     pred, gold = str(pred), str(gold or "")
     if eqv.identical(pred, gold):
         return "correct", "identical"
+    clock = eqv.clock_time(gold)
+    if clock is not None:  # math-verify reads "9:30" as the ratio 3/10 (equal to "3:10")
+        return ("correct", "same time") if eqv.same_time(clock, eqv.clock_time(pred)) else ("wrong", "different time")
     fn = VERIFIERS.get(answer_type or "expression", _check_expression)
     if answer_type == "choice" or _BARE_LETTER.fullmatch(gold.strip()):
         # a bare option letter as gold ("B"), with or without the option texts, is a choice question
