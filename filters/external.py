@@ -9,8 +9,16 @@ Each row gives a question, a gold answer, a trace and optionally images, choices
 finish reason. Rows become `problems` rows (same normalisation and `problem_id` as ingest, so an ingest
 source over the same file yields the same ids) and `chains` rows (`chain_id` = stable hash of the
 problem id and the trace; `teacher` from the mapped column or the source name). Traces keep their own
-format; R1-distill traces that start after `<think>` (the template opened it) get the `<think>` written
-back in front when `starts_in_think` is set, so a cut-off trace shows as an unclosed think span.
+text: the format (think tags, Sky-T1 markers, none) is detected per row by the filter
+(filters/formats.py); a declared `format` is checked against the rows, never trusted blindly, and the
+filter's manifest warns when most rows disagree with it.
+
+A row may hold several samples joined by a separator (`sample_separator`, a regex; by default
+end-of-sequence tokens and "Sample 2"-style header lines, plus a format's opening marker starting again).
+`samples: each` makes every sample a chain (`sample_idx` 0, 1, …; the row's finish_reason applies to
+its last sample only); `samples: last_complete` keeps the last sample with no evidence of truncation
+(a cut-off tail sample is never taken as clean; when every sample is cut, the last one is kept and the
+filter drops it as truncated).
 Bad rows (no question, no answer, no trace, unreadable images) are counted by reason, never fatal.
 """
 
@@ -26,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from filters.extract import SKY_SOLUTION_OPEN, SKY_THOUGHT_OPEN, THINK_OPEN, split_chain
+from filters.extract import extract, split_chain, truncation
+from filters.formats import DEFAULT_SAMPLE_SEPARATOR, split_samples
 from pipeline.config import StageConfig
 from pipeline.rundir import stable_hash
 from pipeline.schema import CHAINS, PROBLEMS
@@ -55,7 +64,23 @@ class ChainsSourceConfig(StageConfig):
     name: str | None = Field(None, description="source label (default: file stem)")
     columns: ChainColumns = Field(default_factory=ChainColumns)
     teacher: str | None = Field(None, description="teacher name when no teacher column is mapped")
-    starts_in_think: bool = Field(True, description="traces without markers start inside <think>")
+    format: Literal["auto", "think", "sky", "plain"] = Field(
+        "auto",
+        description="trace format: auto = detected per row; a declared one is checked against the rows "
+        "(rows are still split by the markers they carry; the manifest warns when most rows disagree)",
+    )
+    starts_in_think: bool | None = Field(
+        None, description="deprecated: true declares format think (rows are still detected one by one)"
+    )
+    samples: Literal["each", "last_complete"] = Field(
+        "each", description="rows with several samples: every sample a chain, or the last complete one"
+    )
+    sample_separator: str | None = Field(
+        DEFAULT_SAMPLE_SEPARATOR, description="regex between samples joined in one row (null: never split)"
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="the traces' generation budget: a chain whose completion_tokens reach it is truncated"
+    )
     limit: int | None = Field(None, ge=1, description="read at most this many rows")
     image_check: Literal["structure", "draft", "full"] = Field(
         "structure", description="how images are checked (as ingest.image_check)"
@@ -64,6 +89,11 @@ class ChainsSourceConfig(StageConfig):
     def label(self) -> str:
         return self.name or Path(self.path).stem
 
+    def declared_format(self) -> str:
+        if self.format == "auto" and self.starts_in_think:
+            return "think"
+        return self.format
+
 
 @dataclass
 class LoadedChains:
@@ -71,6 +101,9 @@ class LoadedChains:
     problems: pa.Table
     quarantined: dict[str, int] = field(default_factory=dict)
     bad_refs: list[str] = field(default_factory=list)
+    rows: int = 0  # source rows that became chains
+    multi_sample_rows: int = 0
+    samples_skipped: int = 0  # samples left out by samples=last_complete
 
 
 def source_stats(cfg: ChainsSourceConfig | None) -> Any:
@@ -113,11 +146,20 @@ def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
     return to_problem(row, src, ref, Path(cfg.path).parent, cfg.image_check)
 
 
-def _completion(trace: str, starts_in_think: bool) -> str:
-    sky = SKY_THOUGHT_OPEN in trace or SKY_SOLUTION_OPEN in trace
-    if starts_in_think and not sky and THINK_OPEN not in trace:
-        return THINK_OPEN + "\n" + trace
-    return trace
+def _complete(sample: str) -> bool:
+    split = split_chain(sample)
+    return truncation(split, extract(split.response)) is None
+
+
+def _samples(trace: str, cfg: ChainsSourceConfig) -> tuple[list[tuple[int, str]], int]:
+    """((sample index, text) to keep, samples left out) of one row's trace."""
+    pieces = split_samples(trace, cfg.sample_separator)
+    if len(pieces) == 1 or cfg.samples == "each":
+        return list(enumerate(pieces)), 0
+    for i in range(len(pieces) - 1, -1, -1):
+        if _complete(pieces[i]):
+            return [(i, pieces[i])], len(pieces) - 1
+    return [(len(pieces) - 1, pieces[-1])], len(pieces) - 1
 
 
 def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
@@ -127,6 +169,7 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
     chains, problems, seen = [], {}, set()
     quarantined: dict[str, int] = {}
     bad_refs: list[str] = []
+    loaded = LoadedChains(chains=None, problems=None, quarantined=quarantined, bad_refs=bad_refs)  # type: ignore[arg-type]
 
     def bad(reason: str, ref: str, msg: str) -> None:
         quarantined[reason] = quarantined.get(reason, 0) + 1
@@ -150,36 +193,44 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
             bad(e.reason, ref, e.error)
             continue
         problems.setdefault(prob["problem_id"], prob)
-        completion = _completion(trace, cfg.starts_in_think)
-        split = split_chain(completion, cfg.starts_in_think)
-        chain_id = stable_hash("external", prob["problem_id"], trace)
-        if chain_id in seen:
-            bad("duplicate_chain", ref, "the same trace for the same problem appears twice")
-            continue
-        seen.add(chain_id)
+        kept, skipped = _samples(trace, cfg)
+        n_pieces = len(kept) + skipped
+        loaded.multi_sample_rows += n_pieces > 1
+        loaded.samples_skipped += skipped
         tokens = row.get(c.completion_tokens) if c.completion_tokens else None
-        chains.append(
-            {
-                "chain_id": chain_id,
-                "problem_id": prob["problem_id"],
-                "round": 0,
-                "teacher": str(row.get(c.teacher) if c.teacher and row.get(c.teacher) else cfg.teacher or cfg.label()),
-                "sample_idx": 0,
-                "prompt": None,
-                "completion": completion,
-                "reasoning": split.reasoning,
-                "response": split.response,
-                "finish_reason": row.get(c.finish_reason) if c.finish_reason else None,
-                "completion_tokens": int(tokens) if isinstance(tokens, (int, float)) else None,
-                "simulated": False,
-            }
-        )
+        finish = row.get(c.finish_reason) if c.finish_reason else None
+        added = 0
+        for idx, completion in kept:
+            last = idx == n_pieces - 1
+            chain_id = stable_hash("external", prob["problem_id"], trace, *([idx] if n_pieces > 1 else []))
+            if chain_id in seen:
+                bad("duplicate_chain", ref, "the same trace for the same problem appears twice")
+                continue
+            seen.add(chain_id)
+            split = split_chain(completion)
+            chains.append(
+                {
+                    "chain_id": chain_id,
+                    "problem_id": prob["problem_id"],
+                    "round": 0,
+                    "teacher": str(row.get(c.teacher) if c.teacher and row.get(c.teacher) else cfg.teacher or cfg.label()),
+                    "sample_idx": idx,
+                    "prompt": None,
+                    "completion": completion if n_pieces == 1 else completion.strip(),
+                    "reasoning": split.reasoning,
+                    "response": split.response,
+                    # the row's generation facts describe its last sample (the one the budget cut)
+                    "finish_reason": finish if last else ("stop" if finish == "length" else finish),
+                    "completion_tokens": int(tokens) if isinstance(tokens, (int, float)) and n_pieces == 1 else None,
+                    "sampling": {"max_tokens": cfg.max_tokens} if cfg.max_tokens and last else None,
+                    "simulated": False,
+                }
+            )
+            added += 1
+        loaded.rows += added > 0
     if not chains and not quarantined:
         raise ValueError(f"filter.source.path: {cfg.path} holds no rows")
     log.info("external chains: %d chains of %d problems from %s", len(chains), len(problems), cfg.path)
-    return LoadedChains(
-        chains=pa.Table.from_pylist(chains, schema=CHAINS),
-        problems=pa.Table.from_pylist(list(problems.values()), schema=PROBLEMS),
-        quarantined=quarantined,
-        bad_refs=bad_refs,
-    )
+    loaded.chains = pa.Table.from_pylist(chains, schema=CHAINS)
+    loaded.problems = pa.Table.from_pylist(list(problems.values()), schema=PROBLEMS)
+    return loaded

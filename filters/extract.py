@@ -1,16 +1,19 @@
-"""Split a chain into its thinking and answer parts, and pull the final answer out of the answer part.
+"""Pull the final answer out of a chain's answer part, recording where it came from (`pred_source`).
 
-Two trace formats are recognised, plus plain text:
+Candidates in order of strength (the first kind that yields a usable answer wins):
 
-- R1 / R1-distill: `<think> reasoning </think> response`. Chat templates usually put `<think>` in the
-  prompt, so a completion often starts inside the think span; `starts_in_think=True` says so, and such
-  a text without `</think>` is an unclosed (cut-off) chain.
-- Sky-T1 / NovaSky: `<|begin_of_thought|> … <|end_of_thought|> <|begin_of_solution|> … <|end_of_solution|>`;
-  a chain without `<|end_of_solution|>` is unclosed.
+1. `boxed`: the last `\\boxed{…}` / `\\fbox{…}`; several boxes close together at the end (`\\boxed{3},
+   \\boxed{4}`) are one answer, joined as a list (`boxed_list`);
+2. `answer_tag`: the teacher's own answer markers: `<answer>…</answer>`, a line starting `Answer:`, `#### 12`;
+3. `final_answer`: a "Final Answer" heading (the lines under it) or "final answer: …" / "final answer is …";
+4. `answer_is`: "the answer is …";
+5. `display_formula`: a display formula (`$$…$$`, `\\[…\\]`) that ends the text;
+6. `last_sentence`: the last sentence, when it reads "… is / are / = / equals X";
+7. `choice_letter`: for multiple choice, a lone option letter on the last line.
 
-Answer extraction looks only at the response part, in this order: the last `\\boxed{…}` (or `\\fbox`),
-the last `<answer>…</answer>`, the last "final answer / the answer is / **Answer:**" marker, and for
-multiple choice a lone option letter. Everything here is linear-time string scanning, so it runs in the
+Words that judge rather than answer (correct, incorrect, yes, true, consistent, …) are never taken from
+prose unless the gold answer is such a word. The trace formats and their splitting live in
+filters/formats.py (re-exported here). Everything here is linear-time string scanning, so it runs in the
 filter actor itself; only the sympy work goes to the deadline-guarded worker process (filters/verify.py).
 """
 
@@ -19,9 +22,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-SKY_THOUGHT_OPEN, SKY_THOUGHT_CLOSE = "<|begin_of_thought|>", "<|end_of_thought|>"
-SKY_SOLUTION_OPEN, SKY_SOLUTION_CLOSE = "<|begin_of_solution|>", "<|end_of_solution|>"
+from filters.formats import (  # noqa: F401 - re-exported: callers split and extract through this module
+    SKY_SOLUTION_CLOSE,
+    SKY_SOLUTION_OPEN,
+    SKY_THOUGHT_CLOSE,
+    SKY_THOUGHT_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    Split,
+    detect_format,
+    ends_cut,
+    split_chain,
+    words_after,
+)
 
 # Answer markers are searched only in the last part of a response: an answer sits at the end, and a
 # bounded window keeps the regex cost flat on 100k-character responses.
@@ -38,54 +51,9 @@ _OPTION_WORD = re.compile(r"\b(?:option|choice)\s*\(?([A-H])\)?\b", re.IGNORECAS
 _WRAPPERS = (("\\(", "\\)"), ("\\[", "\\]"), ("$$", "$$"), ("$", "$"), ("**", "**"), ("*", "*"), ("`", "`"))
 
 
-@dataclass(frozen=True)
-class Split:
-    """A chain's parts. `closed` is False when an opened span (think / thought / solution) never ends."""
-
-    reasoning: str
-    response: str
-    fmt: str  # "r1" | "sky" | "plain"
-    closed: bool
-
-
-def split_chain(text: str | None, starts_in_think: bool = False) -> Split:
-    """Reasoning and response of a raw completion, and whether its spans are closed."""
-    text = text or ""
-    if SKY_THOUGHT_OPEN in text or SKY_SOLUTION_OPEN in text or SKY_SOLUTION_CLOSE in text:
-        return _split_sky(text)
-    close = text.rfind(THINK_CLOSE)
-    if close >= 0:
-        reasoning = text[:close]
-        start = reasoning.find(THINK_OPEN)
-        if start >= 0:
-            reasoning = reasoning[start + len(THINK_OPEN) :]
-        return Split(reasoning.strip(), text[close + len(THINK_CLOSE) :].strip(), "r1", True)
-    open_ = text.find(THINK_OPEN)
-    if open_ >= 0 or starts_in_think:
-        body = text[open_ + len(THINK_OPEN) :] if open_ >= 0 else text
-        return Split(body.strip(), "", "r1", False)
-    return Split("", text.strip(), "plain", True)
-
-
-def _split_sky(text: str) -> Split:
-    t0 = text.find(SKY_THOUGHT_OPEN)
-    t1 = text.find(SKY_THOUGHT_CLOSE)
-    s0 = text.find(SKY_SOLUTION_OPEN)
-    s1 = text.rfind(SKY_SOLUTION_CLOSE)
-    r_start = t0 + len(SKY_THOUGHT_OPEN) if t0 >= 0 else 0
-    r_end = t1 if t1 >= 0 else (s0 if s0 >= 0 else len(text))
-    reasoning = text[r_start:r_end]
-    if s0 >= 0:
-        response = text[s0 + len(SKY_SOLUTION_OPEN) : s1 if s1 > s0 else len(text)]
-    else:
-        response = ""
-    closed = s1 >= 0 and (t0 < 0 or t1 >= 0)
-    return Split(reasoning.strip(), response.strip(), "sky", closed)
-
-
-def find_boxed(text: str) -> list[str]:
-    """Contents of every `\\boxed{…}` / `\\fbox{…}` in order (balanced braces; unbalanced ones skipped)."""
-    out: list[str] = []
+def find_boxed_spans(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of every `\\boxed{…}` / `\\fbox{…}` in order (balanced braces; unbalanced skipped)."""
+    out: list[tuple[str, int, int]] = []
     i = 0
     while True:
         b = text.find("\\boxed", i)
@@ -109,7 +77,7 @@ def find_boxed(text: str) -> list[str]:
                 elif c == "}":
                     depth -= 1
                     if depth == 0:
-                        out.append(text[j + 1 : k].strip())
+                        out.append((text[j + 1 : k].strip(), pos, k + 1))
                         break
                 k += 1
             i = k + 1 if depth == 0 else j + 1
@@ -117,10 +85,15 @@ def find_boxed(text: str) -> list[str]:
             # "\boxed 5": the argument is the next token
             m = re.match(r"[^\s$.,]+", text[j:])
             if m:
-                out.append(m.group(0))
+                out.append((m.group(0), pos, j + m.end()))
             i = j + 1
         else:
             i = j + 1
+
+
+def find_boxed(text: str) -> list[str]:
+    """Contents of every `\\boxed{…}` / `\\fbox{…}` in order (balanced braces; unbalanced ones skipped)."""
+    return [c for c, _a, _b in find_boxed_spans(text)]
 
 
 def clean_answer(s: str) -> str:
@@ -141,22 +114,6 @@ def clean_answer(s: str) -> str:
     return m.group(1).strip() if m else s
 
 
-def _from_marker(tail: str) -> str | None:
-    last = None
-    for m in _MARKER.finditer(tail):
-        last = m
-    if last is None:
-        return None
-    s = last.group(1)
-    # "The answer is 12. So ..." -> "12"; keep decimal points ("6.17") and LaTeX.
-    s = re.split(r"(?<!\d)\.(?:\s|$)|\.\s+(?=[A-Z])", s, maxsplit=1)[0]
-    boxed = find_boxed(s)
-    if not boxed and re.search(r"\s(?:is|equals)\s", s):
-        s = re.split(r"\s(?:is|equals)\s", s)[-1]  # "**Answer:** The coefficient is 384" -> "384"
-    s = clean_answer(boxed[-1] if boxed else s)
-    return s or None
-
-
 def choice_letter(s: str, n_choices: int | None = None) -> str | None:
     """The option letter an answer string names ("B", "(B)", "B.", "B) 12", "option B"), else None."""
     s = clean_answer(re.sub(r"\\text\{([^{}]*)\}|\\textbf\{([^{}]*)\}", r"\1\2", s))
@@ -170,26 +127,215 @@ def choice_letter(s: str, n_choices: int | None = None) -> str | None:
     return letter
 
 
-def extract_answer(response: str, answer_type: str | None = None) -> str | None:
-    """The final answer of a response part as a string, or None when nothing is extractable."""
+# ------------------------------------------------------------------ candidates
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """An extracted answer, the rule that found it and where its span ends in the searched text."""
+
+    answer: str
+    source: str
+    end: int
+
+
+# judgements, not answers: "…so the result checks out and is correct."
+_VERDICT_WORDS = {
+    "correct", "incorrect", "right", "wrong", "yes", "no", "true", "false", "valid", "invalid", "consistent",
+    "inconsistent", "confirmed", "verified", "done", "satisfied", "possible", "impossible", "fine", "ok",
+    "okay", "good", "same", "unchanged", "this", "that", "it", "above", "below", "as follows", "following",
+    "clear", "obvious", "solved", "complete", "accurate", "reasonable", "plausible", "likely", "sound",
+}
+_FILLER = re.compile(r"\b(?:indeed|actually|also|thus|therefore|so|then|still|definitely|certainly|"
+                     r"indeed|fully|all|now|exactly|approximately|about|roughly|the|a|an|not)\b", re.I)
+# a boxed group: boxes whose gaps hold only separators ("and", commas, spacing, math delimiters)
+_BOX_GAP = re.compile(r"(?:\s|,|;|[a-zA-Z](?:_\{?\w+\}?)?\s*=|\$|\\[(),;!\[\]]|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|&|\\\\)*", re.I)
+_ANSWER_LINE = re.compile(r"(?im)^[ \t>*#]*(?:\*\*)?answer(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*([^\n]+)$")
+_HASHES = re.compile(r"(?m)^\s*####\s*([^\n]+)$")
+_HEADING = re.compile(r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*final[ \t]+answer[ \t]*[:：]?[ \t]*(?:\*\*|__)?[ \t]*[:：]?[ \t]*$")
+_FINAL_INLINE = re.compile(r"final\s+answer\s*(?:\*\*)?\s*(?:is\b|[:：=])?\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
+_ANSWER_IS = re.compile(r"\banswer\s*(?:\*\*)?\s*(?:is\b|[:：=])\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
+_DISPLAY = re.compile(r"(\$\$(.+?)\$\$|\\\[(.+?)\\\])", re.S)
+_COPULA = re.compile(r"\s(?:is|are|was|were|equals|equal\s+to|becomes|gives|yields)\s+|\s*(?<![<>!\\])=(?!=)\s*|\\approx|≈")
+# sentence ends: ". " / "! " / "? " / newline, never the point of a decimal ("6.17") or an abbreviation ("e.g.")
+_SENTENCE_END = re.compile(r"(?<![\d.]\d)(?<!e\.g)(?<!i\.e)[.!?](?=\s|$)|\n\s*\n")
+
+
+# prose that follows an answer on its line: "12 but wait", "5, since …"
+_AFTERTHOUGHT = re.compile(r"(?:,\s*|\s+)(?:but|since|because|which|wait|however|hence|therefore|thus|so|"
+                           r"if|when|where|although|though|unless|assuming|hmm)\b", re.I)
+_INLINE_MATH = re.compile(r"\$([^$]+)\$|\\\((.+?)\\\)", re.S)
+_RELATION = re.compile(r"\\(?:le|ge|leq|geq|in|neq|ne|lt|gt|leqslant|geqslant)(?![a-zA-Z])|[<>=≤≥≠]")
+
+
+def _words_only(s: str) -> str:
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox|emph)\s*\{([^{}]*)\}", r"\1", s)
+    return " ".join(re.sub(r"[^a-z\s]", " ", s.lower()).split())
+
+
+def is_verdict_word(s: str) -> bool:
+    """True for a judgement ("correct", "\\text{Yes}", "is indeed true") rather than an answer."""
+    w = _words_only(_FILLER.sub(" ", s))
+    if re.search(r"\d", s) or not w:
+        return False
+    return w in _VERDICT_WORDS or all(x in _VERDICT_WORDS for x in w.split())
+
+
+def _gold_is_word(gold: str | None) -> bool:
+    return bool(gold) and is_verdict_word(gold)
+
+
+def _usable(ans: str | None, gold_word: bool) -> bool:
+    return bool(ans) and (gold_word or not is_verdict_word(ans))
+
+
+def _boxed(text: str) -> Extraction | None:
+    spans = [sp for sp in find_boxed_spans(text) if sp[0]]
+    if not spans:
+        return None
+    group = [spans[-1]]
+    for sp in reversed(spans[:-1]):
+        gap = text[sp[2] : group[0][1]]
+        if len(gap) > 80 or _BOX_GAP.fullmatch(gap) is None:
+            break
+        group.insert(0, sp)
+    contents = [c for c, _a, _b in group]
+    if len(contents) > 1 and len(set(contents)) > 1:
+        return Extraction(", ".join(contents), "boxed_list", group[-1][2])
+    return Extraction(contents[-1], "boxed", group[-1][2])
+
+
+def _trim_phrase(s: str) -> str:
+    """"12. So …" -> "12"; "The coefficient is 384" -> "384"; keeps decimal points and LaTeX."""
+    s = re.split(r"(?<!\d)\.(?:\s|$)|\.\s+(?=[A-Z])", s, maxsplit=1)[0]
+    s = _AFTERTHOUGHT.split(s, maxsplit=1)[0]
+    boxed = find_boxed(s)
+    if boxed:
+        return clean_answer(boxed[-1])
+    if re.search(r"\s(?:is|equals)\s", s):
+        s = re.split(r"\s(?:is|equals)\s", s)[-1]
+    return clean_answer(s)
+
+
+def _last_match(rx: re.Pattern, text: str) -> re.Match | None:
+    last = None
+    for m in rx.finditer(text):
+        last = m
+    return last
+
+
+def _phrase(m: re.Match, offset: int, source: str) -> Extraction:
+    """The answer of a marker match, its span ending where the answer ends (not at the end of the line)."""
+    ans = _trim_phrase(m.group(1))
+    at = m.group(1).find(ans) if ans else -1
+    end = m.start(1) + at + len(ans) if at >= 0 else m.end()
+    return Extraction(ans, source, offset + end)
+
+
+def _tagged(text: str, offset: int) -> Extraction | None:
+    tags = list(_ANSWER_TAG.finditer(text))
+    if tags and tags[-1].group(1).strip():
+        inner = tags[-1].group(1).strip()
+        boxed = find_boxed(inner)
+        return Extraction(clean_answer(boxed[-1] if boxed else inner), "answer_tag", offset + tags[-1].end())
+    for rx in (_HASHES, _ANSWER_LINE):
+        m = _last_match(rx, text)
+        if m:
+            return _phrase(m, offset, "answer_tag")
+    return None
+
+
+def _heading(text: str, offset: int) -> Extraction | None:
+    m = _last_match(_HEADING, text)
+    if m:
+        body = text[m.end() :].strip()
+        block = body.split("\n\n")[0].strip() if body else ""
+        boxed = find_boxed(block)
+        if block:
+            ans = clean_answer(boxed[-1] if boxed else block)
+            return Extraction(ans, "final_answer", offset + m.end() + text[m.end() :].find(block) + len(block))
+    m = _last_match(_FINAL_INLINE, text)
+    if m:
+        return _phrase(m, offset, "final_answer")
+    return None
+
+
+def _answer_is(text: str, offset: int) -> Extraction | None:
+    m = _last_match(_ANSWER_IS, text)
+    return _phrase(m, offset, "answer_is") if m else None
+
+
+def _display(text: str, offset: int) -> Extraction | None:
+    m = _last_match(_DISPLAY, text)
+    if m is None or ends_cut(text) or words_after(text, m.end()) > 3:
+        return None  # a formula the text goes on from is a step, not the answer
+    body = (m.group(2) or m.group(3) or "").strip()
+    return Extraction(clean_answer(body), "display_formula", offset + m.end()) if body else None
+
+
+def _last_sentence(text: str, offset: int) -> Extraction | None:
+    t = text.rstrip()
+    if ends_cut(t):
+        return None  # "…Similarly, for k=3," is a cut text, not an answer "3"
+    ends = [m.end() for m in _SENTENCE_END.finditer(t) if m.end() < len(t) - 1]
+    start = ends[-1] if ends else max(0, len(t) - 600)
+    sentence = t[start:].strip()
+    math = _last_match(_INLINE_MATH, sentence)
+    if math and not sentence[math.end() :].strip(" .!,;*"):
+        body = (math.group(1) or math.group(2) or "").strip()
+        prose = sentence[: math.start()]
+        if _RELATION.search(body) or re.search(r"(?:\s(?:is|are|was|were|equals|be)|=|\\approx)\s*$", prose):
+            return Extraction(clean_answer(body), "last_sentence", offset + len(t)) if body else None
+        return None
+    parts = _COPULA.split(sentence)
+    if len(parts) < 2:
+        return None
+    ans = clean_answer(parts[-1].strip())
+    ans = re.sub(r"^(?:approximately|about|exactly|roughly|precisely)\s+", "", ans, flags=re.I)
+    if not ans or len(ans) > 120 or len(_words_only(ans).split()) > 6:
+        return None
+    return Extraction(ans, "last_sentence", offset + len(t))
+
+
+def extract(response: str, answer_type: str | None = None, gold: str | None = None) -> Extraction | None:
+    """The final answer of a response part (see the module docstring), or None."""
     if not response:
         return None
-    boxed = find_boxed(response)
-    for cand in reversed(boxed):
-        if cand:
-            return cand
-    tags = _ANSWER_TAG.findall(response[-_TAIL_CHARS * 4 :])
-    if tags and tags[-1].strip():
-        inner = tags[-1].strip()
-        inner_boxed = find_boxed(inner)
-        return clean_answer(inner_boxed[-1] if inner_boxed else inner)
-    tail = response[-_TAIL_CHARS:]
-    marked = _from_marker(tail)
-    if marked:
-        return marked
+    gold_word = _gold_is_word(gold)
+    found = _boxed(response)
+    if found:
+        return found  # the teacher boxed it: that is its answer, whatever it says
+    offset = max(0, len(response) - _TAIL_CHARS)
+    tail = response[offset:]
+    for rule in (_tagged, _heading, _answer_is, _display, _last_sentence):
+        found = rule(tail, offset)
+        if found is not None and _usable(found.answer, gold_word):
+            return found
     if answer_type == "choice":
         last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
         letter = choice_letter(last_line)
         if letter:
-            return letter
+            return Extraction(letter, "choice_letter", len(response))
     return None
+
+
+def extract_answer(response: str, answer_type: str | None = None, gold: str | None = None) -> str | None:
+    """The final answer of a response part as a string, or None when nothing is extractable."""
+    found = extract(response, answer_type, gold)
+    return found.answer if found else None
+
+
+def truncation(split: Split, found: Extraction | None) -> str | None:
+    """Evidence in the text that the chain was cut off (see filters/formats.py), or None.
+
+    `found` is the answer extracted from `split.response`: a text cut mid-sentence counts as cut only
+    when no answer span ends it (a few words after the last answer, "\\boxed{5} and", are no evidence).
+    """
+    if not split.closed:
+        return "unclosed think span" if split.fmt == "think" else "unclosed thought span"
+    cut = ends_cut(split.response)
+    if cut is None:
+        return None
+    if found is not None and words_after(split.response, found.end) < 4:
+        return None
+    return f"solution block cut off ({cut})" if split.solution_open else cut

@@ -11,16 +11,21 @@ they imply are written to `<step>/problems/` for curate.
 Per chain (plain Python in `score_batch`; Ray Data fans batches out over an actor pool, `workers`
 actors, each with its own deadline worker process for the sympy checks):
 
-1. verdict (filters/verify.py): truncated when finish_reason is "length" or a think/solution span is
-   unclosed; else the extracted answer is checked against the gold: correct / wrong / no_answer /
-   gold_unparsable / timeout;
+1. format and verdict: the trace format is detected per row (`trace_format`: think / sky / plain,
+   filters/formats.py); truncated only on evidence (finish_reason "length", completion tokens at the
+   generation budget, a think/thought span never closed, a text that stops mid-sentence or mid-formula
+   with no answer ending it); else the answer is extracted (`pred_answer`, and the rule that found it in
+   `pred_source`, filters/extract.py) and checked against the gold (filters/verify.py): correct / wrong /
+   no_answer / gold_unparsable / timeout;
 2. redundancy and length scores and `quality` (0-5; formula in filters/redundancy.py);
 3. keep, or drop with the first failing reason in this order: generation_error, truncated, looping,
    wrong, no_answer, timeout, gold_unparsable, over_budget, redundant, language_mixing, low_quality.
 
 Every chain is written (kept and dropped, with `keep` and `drop_reason`), so reports compare before and
 after; a killed step is scored again from the start (its shards are rewritten, never appended to). Manifest: rows_in = chains; kept; dropped by reason; quarantined `unknown_problem` (a chain whose
-problem is in no problems table; not written); metrics = verdict counts, loops, mean quality, timings.
+problem is in no problems table; not written); metrics = verdict counts, trace formats, answer sources,
+truncation evidence, loops, mean quality, timings, and `warnings` (a declared format most rows disagree
+with, a large share of chains with no extractable answer) shown by `r1v status`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from filters.external import ChainsSourceConfig
-from filters.extract import extract_answer, split_chain
+from filters.extract import extract, split_chain, truncation
 from filters.redundancy import RedundancyConfig, Scorer
 from filters.verify import VerifyConfig, check_many
 from pipeline.config import StageConfig
@@ -49,7 +54,9 @@ ROWS_FROM = "chains"  # rows_in = the rows of the chains input (pipeline.runner 
 
 FILTERED = extend(
     CHAINS,
+    pa.field("trace_format", pa.string()),
     pa.field("pred_answer", pa.string()),
+    pa.field("pred_source", pa.string()),
     pa.field("verdict", pa.string()),
     pa.field("verify_detail", pa.string()),
     pa.field("verify_s", pa.float64()),
@@ -104,18 +111,28 @@ def fingerprint_extra(cfg: FilterConfig) -> dict:
 # ------------------------------------------------------------------ per-batch logic (no Ray needed)
 
 
-def _texts(row: dict, starts_in_think: bool) -> tuple[str, str, bool]:
-    """(reasoning, response, closed) of a chain row, from its split columns or its raw completion."""
+def _split(row: dict, starts_in_think: bool):
+    """The chain's Split (filters/formats.py), from its raw completion; engine-split columns win."""
     completion = row.get("completion")
     if row.get("reasoning") is not None or row.get("response") is not None:
         # the engine split it already (with finish_reason); only an explicit unclosed marker is news here.
         # A teacher that does not think writes no markers at all: that is a complete answer, not a cut one.
-        closed = split_chain(completion, False).closed if completion else True
-        return row.get("reasoning") or "", row.get("response") or "", closed
-    if not completion:
-        return "", "", True
-    split = split_chain(completion, starts_in_think)
-    return split.reasoning, split.response, split.closed
+        split = split_chain(completion, False) if completion else split_chain("")
+        fmt = split.fmt if split.fmt != "plain" or not row.get("reasoning") else "think"
+        return split.__class__(row.get("reasoning") or "", row.get("response") or "", fmt, split.closed,
+                               split.solution_open)
+    return split_chain(completion, starts_in_think)
+
+
+def _generation_cut(row: dict) -> str | None:
+    """Evidence from the generation itself: finish_reason "length", or the tokens at the budget."""
+    if row.get("finish_reason") == "length":
+        return "finish_reason=length"
+    budget = (row.get("sampling") or {}).get("max_tokens")
+    tokens = row.get("completion_tokens")
+    if budget and tokens and tokens >= budget:
+        return f"completion_tokens {tokens} at the budget {budget}"
+    return None
 
 
 def _budget(row: dict) -> int | None:
@@ -135,36 +152,43 @@ def score_batch(rows: list[dict], cfg: FilterConfig, pool: Any, scorer: Scorer |
     scorer = scorer or Scorer(cfg.redundancy)
     out, to_check = [], []
     for i, row in enumerate(rows):
-        reasoning, response, closed = _texts(row, cfg.starts_in_think)
+        split = _split(row, cfg.starts_in_think)
         atype = row.get("_answer_type")
-        pred = extract_answer(response, atype)
+        found = extract(split.response, atype, row.get("_gold"))
         errored = row.get("finish_reason") == "error" or bool(row.get("error"))
-        truncated = row.get("finish_reason") == "length" or not closed
-        text = f"{reasoning}\n{response}" if reasoning else response
+        cut = _generation_cut(row) or truncation(split, found)
+        text = f"{split.reasoning}\n{split.response}" if split.reasoning else split.response
         s = scorer.score(text, row.get("completion_tokens"), _budget(row))
-        r = {**row, **s, "pred_answer": pred, "verify_detail": None, "verify_s": None}
+        r = {**row, **s, "trace_format": split.fmt, "pred_answer": found.answer if found else None,
+             "pred_source": found.source if found else None, "verify_detail": None, "verify_s": None}
         if errored:
             r["verdict"], r["verify_detail"] = "no_answer", f"generation error: {row.get('error') or 'finish_reason=error'}"
-        elif truncated:
-            r["verdict"] = "truncated"
-            r["verify_detail"] = "finish_reason=length" if row.get("finish_reason") == "length" else "unclosed span"
-        elif pred is None:
-            r["verdict"] = "no_answer"
+        elif cut:
+            r["verdict"], r["verify_detail"] = "truncated", cut
         else:
             r["verdict"] = None
             problem = {"answer": row.get("_gold"), "answer_type": atype, "choices": row.get("_choices")}
-            to_check.append((i, pred, problem))
+            # nothing our rules read: math-verify's own extraction on the last paragraph gets a try
+            to_check.append((i, found.answer if found else None, problem, None if found else _last_part(split.response)))
         out.append(r)
     if to_check:
-        results = check_many([(pred, prob) for _i, pred, prob in to_check], cfg.verify, pool)
-        for (i, _pred, _prob), (verdict, detail, secs) in zip(to_check, results, strict=True):
+        results = check_many([(pred, prob, tail) for _i, pred, prob, tail in to_check], cfg.verify, pool)
+        for (i, pred, _prob, _tail), (verdict, detail, secs, used) in zip(to_check, results, strict=True):
             out[i].update(verdict=verdict, verify_detail=detail or None, verify_s=secs)
+            if pred is None and used is not None:
+                out[i].update(pred_answer=used, pred_source="math_verify")
     for r in out:
         r["quality"] = scorer.quality(r["verdict"] == "correct", r)
         reason = _drop_reason(r, scorer, cfg)
         r["keep"], r["drop_reason"] = reason is None, reason
         del r["loop_period"]
     return out
+
+
+def _last_part(text: str, chars: int = 600) -> str:
+    """The text's last paragraph (at most `chars`): where a final answer without a marker sits."""
+    t = text.rstrip()[-chars:]
+    return t[t.rfind("\n\n") + 2 :] if "\n\n" in t else t
 
 
 def _drop_reason(r: dict, scorer: Scorer, cfg: FilterConfig) -> str | None:
@@ -307,6 +331,9 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
     chains = chains.append_column("_idx", pa.array(range(chains.num_rows), type=pa.int64()))
     chains = _problem_columns(chains, problems)
     verdicts: Counter = Counter()
+    formats: Counter = Counter()
+    sources: Counter = Counter()
+    cuts: Counter = Counter()
     n_loop, q_sum, t_verify = 0, 0.0, 0.0
     parts = _run_batches(chains, cfg) if chains.num_rows else []
     # always rewritten whole (resume=False): scoring is cheap next to generation, and shards left by a
@@ -316,9 +343,14 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
             result = pa.concat_tables(parts).sort_by("_idx")  # the input order, whatever the actors' order
             if result.num_rows != chains.num_rows:
                 raise RuntimeError(f"filter: {chains.num_rows} chains in but {result.num_rows} scored")
-            d = result.select(["verdict", "keep", "drop_reason", "loop_detected", "quality", "verify_s"]).to_pydict()
-            for verdict, keep, reason, loop, q, vs in zip(*d.values(), strict=True):
+            d = result.select(["verdict", "keep", "drop_reason", "loop_detected", "quality", "verify_s", "trace_format",
+                               "pred_source", "verify_detail"]).to_pydict()
+            for verdict, keep, reason, loop, q, vs, fmt, psrc, detail in zip(*d.values(), strict=True):
                 verdicts[verdict] += 1
+                formats[fmt] += 1
+                sources[psrc or "none"] += 1
+                if verdict == "truncated":
+                    cuts[_cut_kind(detail)] += 1
                 n_loop += bool(loop)
                 t_verify += vs or 0.0
                 if keep:
@@ -332,9 +364,40 @@ def run(cfg: FilterConfig, ctx) -> Manifest:
         verdicts=dict(verdicts),
         loops=n_loop,
         mean_kept_quality=round(q_sum / m.kept, 4) if m.kept else None,
+        trace_formats=dict(formats),
+        pred_sources=dict(sources),
+        truncation=dict(cuts),
         verify_s_total=round(t_verify, 3),
         chains_per_s=round(chains.num_rows / max(1e-9, time.perf_counter() - t0), 2),
         workers=cfg.workers,
     )
-    log.info("filter: %d chains | kept %d | verdicts %s", chains.num_rows, m.kept, dict(verdicts))
+    warnings = _warnings(cfg, formats, verdicts, chains.num_rows)
+    if warnings:
+        m.metrics["warnings"] = warnings
+        for w in warnings:
+            log.warning("filter: %s", w)
+    log.info("filter: %d chains | kept %d | verdicts %s | formats %s", chains.num_rows, m.kept, dict(verdicts),
+             dict(formats))
     return m
+
+
+def _cut_kind(detail: str | None) -> str:
+    """The truncation evidence without its numbers: "finish_reason=length", "ends mid-sentence", …"""
+    d = detail or "unknown"
+    return "completion_tokens at the budget" if d.startswith("completion_tokens") else d
+
+
+def _warnings(cfg: FilterConfig, formats: Counter, verdicts: Counter, n: int) -> list[str]:
+    """What a user should look at before trusting the counts: a declared trace format most rows do not
+    carry, or most chains without an extractable answer (a format or answer style the filter misreads)."""
+    out = []
+    declared = cfg.source.declared_format() if cfg.source is not None else "auto"
+    if declared != "auto" and n:
+        agree = formats.get(declared, 0)
+        if agree * 2 < n:
+            out.append(f"filter.source.format is {declared!r} but only {agree} of {n} chains carry it "
+                       f"(detected: {dict(formats)}); rows are split by what they carry")
+    if n >= 20 and verdicts.get("no_answer", 0) * 5 > n:
+        out.append(f"{verdicts['no_answer']} of {n} chains have no extractable answer: check pred_source and "
+                   "the traces' answer format")
+    return out

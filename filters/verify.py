@@ -31,7 +31,9 @@ from typing import Any
 
 from pydantic import Field
 
-from filters.extract import choice_letter, clean_answer, extract_answer, split_chain
+from filters import equivalence as eqv
+from filters.equivalence import rounded_equal
+from filters.extract import choice_letter, clean_answer, extract, split_chain, truncation
 from pipeline.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -89,16 +91,20 @@ def warmup() -> None:
 
 
 def _eq(gold: Any, pred: Any, opts: dict) -> bool:
-    return bool(_mv().verify(gold, pred, float_rounding=opts.get("float_rounding", 6), timeout_seconds=None))
+    if _mv().verify(gold, pred, float_rounding=opts.get("float_rounding", 6), timeout_seconds=None):
+        return True
+    # 0.67 for 2/3: the digits each side was written with come from check_answer (`_dec`)
+    g_dec, p_dec = opts.get("_dec", (0, 0))
+    return (g_dec or p_dec) > 0 and rounded_equal(gold, pred, g_dec, p_dec)
 
 
 _CURRENCY = re.compile(r"\\\$|\$|US\s*\\?\$|\bUSD\b|€|£|¥|\\euro|\\pounds|\b(?:dollars?|euros?|cents?)\b", re.I)
 _PERCENT = re.compile(r"\\%|%|\\percent|\bpercent\b", re.I)
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree|\bdegrees?\b", re.I)
-_TEXT_UNIT = re.compile(r"(?:\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{[^{}]*\}\s*)+$")
+_TEXT_UNIT = re.compile(r"(?:\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{[^{}]*\}(?:\^\{?\d\}?)?\s*)+$")
 # A trailing unit: letter words after a number ("5 cm", "3 hours", "5 m^2"), never a tail with other digits
 # ("3 hours 20 minutes") or a conjunction ("5 and 6", "2 or 3"); a one-letter word only after a space ("3x").
-_UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?)?"
+_UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?)?(?:/[a-zA-Z]+(?:\^\{?[23]\}?)?)?"
 _WORD_UNIT = re.compile(
     rf"(?<=[\d}}])(?:\s+|(?=[a-zA-Z]{{2}}))(?![eE][-+]?\d+$)(?!.*\b(?:and|or|to)\b)"
     rf"{_UNIT_WORD}(?:\s+{_UNIT_WORD})*$",
@@ -107,7 +113,7 @@ _WORD_UNIT = re.compile(
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad|~")
 
 
-def _strip_number(s: str) -> tuple[str, bool]:
+def _strip_number(s: str, other: str = "") -> tuple[str, bool]:
     """A number answer without currency, units and spacing; and whether it carried a percent sign."""
     s = clean_answer(s)
     s = s.replace("{,}", "").replace("\\left", "").replace("\\right", "")
@@ -120,6 +126,7 @@ def _strip_number(s: str) -> tuple[str, bool]:
     if re.search(r"\d", s):
         s = _WORD_UNIT.sub("", s).strip()
     s = re.sub(r"^[a-zA-Z]\w*\s*=\s*", "", s)  # "r = 6.17" -> "6.17"
+    s = eqv.number_text(s, other)
     # math-verify reads "1e5" as 1*E*5 (Euler's number): write scientific notation out
     s = re.sub(r"^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times 10^{\2}", s)
     return s, pct
@@ -144,9 +151,9 @@ def _gold(s: str) -> tuple:
 
 
 def _check_number(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, str]:
-    g_s, g_pct = _strip_number(gold)
+    g_s, g_pct = _strip_number(gold, _strip_number(pred)[0])
     G = _first(_gold(g_s))
-    p_s, p_pct = _strip_number(pred)
+    p_s, p_pct = _strip_number(pred, g_s)
     P = _first(_parse(p_s))
     if P is None:
         return "wrong", f"prediction {p_s[:80]!r} does not parse"
@@ -180,9 +187,57 @@ def _check_expression(pred: str, gold: str, choices: Any, opts: dict) -> tuple[s
     P = _parse(clean_answer(pred))
     if not P:
         return "wrong", f"prediction {pred[:80]!r} does not parse"
-    if _is_eq(G[0]) and _is_eq(P[0]):
+    if _is_eq(G[0]) and _is_eq(P[0]) and not (_membership(G[0]) or _membership(P[0])):
         return ("correct", "") if _equations_equal(G[0], P[0], opts) else ("wrong", "equations differ")
-    return ("correct", "") if _eq(list(G), list(P), opts) else ("wrong", "")
+    if _is_relation(G[0]) or _is_relation(P[0]):
+        # `y \le 2`, `t \in [0,3]` vs `0 \le t \le 3`: the same set of the same variable
+        gs, ps = _as_set(G[0]), _as_set(P[0])
+        if gs is not None and ps is not None:
+            gv, pv = G[0].free_symbols, P[0].free_symbols
+            if gv and pv and gv != pv:
+                return "wrong", "relations differ: other variable"
+            return ("correct", "") if _sets_equal(gs, ps, opts) else ("wrong", "relations differ")
+    # a list compare first (several parsed readings), then the first readings (rounded decimals)
+    return ("correct", "") if _eq(list(G), list(P), opts) or _eq(G[0], P[0], opts) else ("wrong", "")
+
+
+def _membership(x: Any) -> bool:
+    import sympy
+
+    return isinstance(x, sympy.Eq) and isinstance(x.rhs, sympy.Set)
+
+
+def _is_relation(x: Any) -> bool:
+    """An inequality or a membership (`x \in S`), not a plain equation."""
+    import sympy
+
+    if _membership(x):
+        return True
+    rel = (sympy.core.relational.Relational, sympy.And, sympy.Or)
+    return isinstance(x, rel) and not isinstance(x, (sympy.Eq, sympy.Ne))
+
+
+def _sets_equal(G: Any, P: Any, opts: dict) -> bool:
+    """Two sets equal as sets, interval ends compared as numbers (so rounded ends count, 0.67 for 2/3)."""
+    import sympy
+
+    if G == P:
+        return True
+    if isinstance(G, sympy.Interval) and isinstance(P, sympy.Interval):
+        return (G.left_open, G.right_open) == (P.left_open, P.right_open) and all(
+            a == b or (a.is_finite and b.is_finite and _eq(a, b, opts)) for a, b in ((G.start, P.start), (G.end, P.end))
+        )
+    if isinstance(G, sympy.Union) and isinstance(P, sympy.Union) and len(G.args) == len(P.args):
+        return all(_sets_equal(a, b, opts) for a, b in zip(G.args, P.args, strict=True))
+    if isinstance(G, sympy.FiniteSet) and isinstance(P, sympy.FiniteSet) and len(G) == len(P):
+        left = list(P.args)
+        for g in G.args:
+            hit = next((i for i, p in enumerate(left) if _eq(g, p, opts)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    return False
 
 
 def _as_set(x: Any) -> Any:
@@ -220,7 +275,7 @@ def _check_interval(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str
         return "wrong", f"{type(G).__name__} vs {type(P).__name__}"
     if isinstance(G, sympy.Union) and len(G.args) != len(P.args):
         return "wrong", "different number of pieces"
-    return ("correct", "") if _eq(G, P, opts) else ("wrong", "")
+    return ("correct", "") if _sets_equal(G, P, opts) else ("wrong", "different set")
 
 
 _OPEN_CLOSE = [("\\left\\{", "\\right\\}"), ("\\{", "\\}"), ("\\left(", "\\right)"), ("\\left[", "\\right]"),
@@ -250,7 +305,11 @@ def _split_elements(s: str) -> list[str]:
         else:
             cur.append(ch)
     parts.append("".join(cur))
-    return [_ASSIGN.sub("", p).strip() for p in parts if p.strip()]
+    out = []
+    for p in (_ASSIGN.sub("", p).strip() for p in parts if p.strip()):
+        pm = re.match(r"^(.*?)(?:\\pm|±)\s*(.+)$", p)
+        out += [f"{pm.group(1)}-{pm.group(2)}", f"{pm.group(1)}+{pm.group(2)}"] if pm else [p]  # "\pm 2": two
+    return out
 
 
 def _balanced(s: str) -> bool:
@@ -381,7 +440,7 @@ def _check_text(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str, st
     if _norm_text(pred) == _norm_text(gold):
         return "correct", ""
     G, P = _parse(clean_answer(gold)), _parse(clean_answer(pred))
-    return ("correct", "") if G and P and _eq(list(G), list(P), opts) else ("wrong", "")
+    return ("correct", "") if G and P and (_eq(list(G), list(P), opts) or _eq(G[0], P[0], opts)) else ("wrong", "")
 
 
 VERIFIERS = {
@@ -399,16 +458,83 @@ VERIFIERS = {
 _BARE_LETTER = re.compile(r"\(?[A-H]\)?")
 
 
-def check_answer(pred: str, gold: str, answer_type: str | None, choices: Any, opts: dict) -> tuple[str, str]:
-    """(verdict, detail) for one extracted answer; runs inside a deadline worker (no timeout of its own)."""
+# a "wrong" the type-aware check is sure of: math-verify's looser reading (subsets accepted, tuples read
+# as sets, equations compared by right-hand side, intervals equal to sets) must not overturn it
+_DEFINITE = re.compile(
+    r"^(?:element|\d+ elements|gold element|different (?:number|set)|shape|chose|equations differ|relations differ|"
+    r"\w+ vs \w+)"
+)
+
+
+def _mv_equal(pred: str, gold: str, opts: dict) -> bool:
+    """Bare math-verify on the two answers, each wrapped in `$…$` (the route any filter must match)."""
+    G, P = _parse(gold), _parse(pred)
+    return bool(G and P and _eq(list(G), list(P), opts))
+
+
+def _same_element(g: str, p: str, opts: dict) -> bool:
+    if eqv.identical(p, g):
+        return True
+    gs, ps = _strip_number(g, _strip_number(p)[0])[0], _strip_number(p, _strip_number(g)[0])[0]
+    G, P = _first(_parse(gs)), _first(_parse(ps))
+    return G is not None and P is not None and _eq(G, P, opts)
+
+
+def _mv_extract(tail: str) -> str | None:
+    """The answer math-verify's own extraction reads from a text (boxed first, then the last math)."""
+    mv = _mv()
+    cfg = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
+    out = mv.parse(tail, extraction_config=cfg, parsing_timeout=None)
+    strings = [x for x in out if isinstance(x, str)]
+    return strings[-1] if len(out) > 1 and strings else None
+
+
+def check_answer(
+    pred: str | None, gold: str, answer_type: str | None, choices: Any, opts: dict, tail: str | None = None
+) -> tuple:
+    """(verdict, detail) for one extracted answer; runs inside a deadline worker (no timeout of its own).
+
+    With no `pred` but a `tail`, math-verify extracts the answer from it: (verdict, detail, answer).
+
+    Identical answers are equal; a damaged gold is `gold_unparsable`; then the type-aware check, and
+    where it finds no definite difference, bare math-verify (`$…$`-wrapped) as a second route, so a
+    verdict is never "wrong" where math-verify alone would say "correct" (except its known false ones).
+    """
+    if not pred:
+        used = _mv_extract(tail) if tail else None
+        if not used:
+            return "no_answer", "nothing extractable", None
+        return (*check_answer(used, gold, answer_type, choices, opts), used)
+    pred, gold = str(pred), str(gold or "")
+    if eqv.identical(pred, gold):
+        return "correct", "identical"
+    clock = eqv.clock_time(gold)
+    if clock is not None:  # math-verify reads "9:30" as the ratio 3/10 (equal to "3:10")
+        return ("correct", "same time") if eqv.same_time(clock, eqv.clock_time(pred)) else ("wrong", "different time")
     fn = VERIFIERS.get(answer_type or "expression", _check_expression)
-    if answer_type != "choice" and _BARE_LETTER.fullmatch(gold.strip()):
+    if answer_type == "choice" or _BARE_LETTER.fullmatch(gold.strip()):
         # a bare option letter as gold ("B"), with or without the option texts, is a choice question
-        fn = _check_choice
+        try:
+            return _check_choice(pred, gold, choices, opts)
+        except _GoldUnparsable as e:
+            return "gold_unparsable", str(e)
+    damaged = eqv.damaged_gold(gold)
+    if damaged:
+        return "gold_unparsable", damaged
+    p, g = eqv.drop_assignment(pred, gold)
+    opts = {**opts, "_dec": (eqv.decimals(g), eqv.decimals(p))}
+    listed = eqv.compare_tuple_lists(p, g, lambda a, b: _same_element(a, b, opts))
+    if listed is not None:
+        return listed
     try:
-        return fn(pred, gold, choices, opts)
+        verdict, detail = fn(p, g, choices, opts)
     except _GoldUnparsable as e:
-        return "gold_unparsable", str(e)
+        verdict, detail = "gold_unparsable", str(e)
+    if verdict == "correct" or (verdict == "wrong" and _DEFINITE.match(detail)):
+        return verdict, detail
+    if _mv_equal(p, g, opts) or (p, g) != (pred, gold) and _mv_equal(pred, gold, opts):
+        return "correct", "math-verify"
+    return verdict, detail
 
 
 # ------------------------------------------------------------------ public API
@@ -418,22 +544,28 @@ def _opts(cfg: VerifyConfig) -> dict:
     return {"float_rounding": cfg.float_rounding, "percent_either_way": cfg.percent_either_way}
 
 
-def check_many(items: list[tuple[str, dict]], cfg: VerifyConfig, pool: Any) -> list[tuple[str, str, float]]:
-    """(verdict, detail, seconds) per (pred_answer, problem) pair, through `pool` (a DeadlinePool)."""
+def check_many(items: list[tuple], cfg: VerifyConfig, pool: Any) -> list[tuple[str, str, float, str | None]]:
+    """(verdict, detail, seconds, answer checked) per (pred_answer, problem[, tail]) item, through `pool`
+    (a DeadlinePool). With no pred_answer, math-verify's own extraction reads `tail`."""
     opts = _opts(cfg)
-    tasks = [
-        (pred, str(p.get("answer") or ""), p.get("answer_type"), list(p.get("choices") or []) or None, opts)
-        for pred, p in items
-    ]
+    tasks = []
+    for item in items:
+        pred, p = item[0], item[1]
+        tail = item[2] if len(item) > 2 else None
+        choices = list(p.get("choices") or []) or None
+        tasks.append((pred, str(p.get("answer") or ""), p.get("answer_type"), choices, opts, tail))
     out = []
-    for o in pool.map(tasks):
+    for (pred, *_rest), o in zip(tasks, pool.map(tasks), strict=True):
+        used = pred
         if o.ok:
-            verdict, detail = o.value
+            verdict, detail = o.value[:2]
+            if len(o.value) > 2:
+                used = o.value[2]
         elif o.timed_out:
             verdict, detail = "timeout", f"no result within {cfg.timeout_s:g}s"
         else:
             verdict, detail = "timeout", f"check failed: {o.error}"
-        out.append((verdict, detail, round(o.seconds, 4)))
+        out.append((verdict, detail, round(o.seconds, 4), used))
     return out
 
 
@@ -471,13 +603,14 @@ def verify_response(response: str, problem: dict, cfg: VerifyConfig | None = Non
     """
     cfg = cfg or VerifyConfig()
     split = split_chain(response, cfg.starts_in_think)
-    if not split.closed:
-        return VerifyResult(None, "truncated", "unclosed think/solution span")
-    pred = extract_answer(split.response, problem.get("answer_type"))
-    if pred is None:
+    found = extract(split.response, problem.get("answer_type"), str(problem.get("answer") or ""))
+    cut = truncation(split, found)
+    if cut:
+        return VerifyResult(None, "truncated", cut)
+    if found is None:
         return VerifyResult(None, "no_answer", "")
     pool = pool or shared_pool(cfg)
     # the shared pool serves one caller at a time (its workers are not re-entrant)
     with _POOL_LOCK if pool is _POOL else contextlib.nullcontext():
-        verdict, detail, _s = check_many([(pred, problem)], cfg, pool)[0]
-    return VerifyResult(pred, verdict, detail)
+        verdict, detail, _s, _used = check_many([(found.answer, problem)], cfg, pool)[0]
+    return VerifyResult(found.answer, verdict, detail)

@@ -99,6 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg.run.root, cfg.run.name = str(run_dir.parent), run_dir.name
     runner = Runner(cfg)
     table = Table(title=f"run {run_dir}")
+    warnings: list[tuple[str, str]] = []
     for col in ("step", "state", "rows in", "kept", "dropped", "quarantined", "wall s"):
         table.add_column(col)
     for step in runner.steps:
@@ -108,8 +109,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
         table.add_row(step.name, state, str(m.rows_in), str(m.kept), fmt(m.dropped), fmt(m.quarantined), f"{m.wall_s:.1f}")
+        warnings += [(step.name, w) for w in m.metrics.get("warnings") or []]
     console = Console(width=160)
     console.print(table)
+    for step_name, w in warnings:
+        console.print(f"[yellow]warning[/yellow] {step_name}: {w}", highlight=False)
     from pipeline.runlock import is_locked
 
     holder = is_locked(run_dir)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from filters.external import ChainsSourceConfig, load_chains
+from filters.extract import extract, split_chain, truncation
 from pipeline.config import validate_config
 from pipeline.ingest import ColumnMap, SourceConfig, load_sources
 from pipeline.rundir import Manifest, read_table
@@ -43,8 +44,10 @@ def test_load_chains_maps_columns_and_counts_bad_rows(tmp_path):
     assert loaded.problems.num_rows == 3  # rows 1 and 2 share a problem
     assert chains[0]["problem_id"] == chains[1]["problem_id"]
     assert chains[0]["reasoning"] == "2+3=5" and chains[0]["response"] == "The answer is \\boxed{5}."
-    # an R1 trace that starts after <think> gets it back, so a cut-off one reads as an unclosed span
-    assert chains[3]["completion"].startswith("<think>") and chains[3]["response"] == ""
+    # a trace keeps its own text: one without markers is plain, and cut mid-sentence it is truncated
+    assert chains[3]["completion"] == "I was thinking and then" and chains[3]["response"] == chains[3]["completion"]
+    split = split_chain(chains[3]["completion"])
+    assert split.fmt == "plain" and truncation(split, extract(split.response)) == "ends mid-sentence"
     problems = {p["problem_id"]: p for p in loaded.problems.to_pylist()}
     assert problems[chains[2]["problem_id"]]["answer_type"] == "choice"
     assert any("not valid JSON" in ref for ref in loaded.bad_refs)

@@ -64,7 +64,7 @@ def test_clean_answer_strips_delimiters_and_bold():
 
 def test_split_r1_formats():
     s = split_chain("<think>reason</think>\nanswer")
-    assert (s.reasoning, s.response, s.fmt, s.closed) == ("reason", "answer", "r1", True)
+    assert (s.reasoning, s.response, s.fmt, s.closed) == ("reason", "answer", "think", True)
     s = split_chain("reason without opening tag</think>answer")  # the template opened <think>
     assert (s.reasoning, s.response, s.closed) == ("reason without opening tag", "answer", True)
     s = split_chain("reasoning that was cut off", starts_in_think=True)
@@ -81,5 +81,6 @@ def test_split_sky_t1_format():
     assert (s.reasoning, s.response, s.fmt, s.closed) == ("think", "sol \\boxed{3}", "sky", True)
     s = split_chain("<|begin_of_thought|> thinking forever")
     assert (s.fmt, s.closed, s.response) == ("sky", False, "")
+    # a solution block without its end marker is open; only a cut text makes it truncated
     s = split_chain("<|begin_of_thought|> t <|end_of_thought|><|begin_of_solution|> half a solution")
-    assert (s.closed, s.response) == (False, "half a solution")
+    assert (s.closed, s.solution_open, s.response) == (True, True, "half a solution")
