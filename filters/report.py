@@ -68,16 +68,12 @@ class RunData:
 
 
 def _plan_order(run_dir: Path) -> list[str]:
-    """Step names in the order of the run's plan (from its config.yaml), or [] when it cannot be read."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.runner import plan
+    from pipeline.tableview import plan_order
 
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-        return [s.name for s in plan(cfg)]
-    except (ConfigError, ValueError, OSError, ImportError) as e:
-        log.info("report: step order from the manifests (the run's config does not load: %s)", e)
-        return []
+    order = plan_order(run_dir)
+    if not order:
+        log.info("report: step order from the manifests (no loadable config.yaml in %s)", run_dir)
+    return order
 
 
 def _fallback_order(m: Manifest) -> tuple:

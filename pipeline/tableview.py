@@ -34,13 +34,26 @@ _NUMERIC = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt3
             pl.Float64, pl.Boolean)
 
 
+def plan_order(run_dir: Path) -> list[str]:
+    """Step names in the order of the run's plan (from its config.yaml), or [] when it does not load."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import plan
+
+    try:
+        return [s.name for s in plan(load_config(run_dir / "config.yaml"))]
+    except (ConfigError, ValueError, OSError, ImportError):
+        return []
+
+
 def step_dirs(run_dir: Path) -> list[str]:
-    """The run's step directories (those with a manifest or shards), in the order they ran."""
+    """The run's step directories (those with a manifest or shards), in plan order, else the order they ran."""
     from pipeline.rundir import Manifest
+
+    planned = {name: i for i, name in enumerate(plan_order(run_dir))}
 
     def started(p: Path) -> tuple:
         m = Manifest.load(p) if (p / MANIFEST).exists() else None
-        return (m is None, m.started_at if m else 0.0, p.name)
+        return (planned.get(p.name, len(planned)), m is None, m.started_at if m else 0.0, p.name)
 
     return [p.name for p in sorted((p for p in run_dir.iterdir()
                                     if p.is_dir() and ((p / MANIFEST).exists() or shard_files(p))), key=started)]
