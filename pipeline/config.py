@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -104,13 +104,38 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def format_validation_error(err: ValidationError) -> list[str]:
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, unions, Annotated, list, dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _model_classes(arg)]
+
+
+def valid_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys valid at `loc[:-1]` inside `model` (for "did you mean" on a misspelt key)."""
+    if model is None:
+        return []
+    models = [model]
+    for part in loc[:-1]:
+        fields = [c.model_fields[str(part)] for c in models if str(part) in c.model_fields]
+        if not fields:
+            continue  # a list index, a union's tag (`engine.scripted`) or a dict key: same models
+        models = [m for f in fields for m in _model_classes(f.annotation)]
+        if not models:
+            return []
+    return sorted({k for c in models for k in c.model_fields})
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    from pipeline.errors import did_you_mean
+
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            problems.append(f"{loc}: unknown key (value {e.get('input')!r}); check the spelling")
+            hint = did_you_mean(str(e["loc"][-1]), valid_keys(model, e["loc"])) or "; check the spelling"
+            problems.append(f"{loc}: unknown key (value {e.get('input')!r}){hint}")
         elif e["type"] == "missing":
             problems.append(f"{loc}: required key is missing")
         else:
@@ -143,7 +168,7 @@ def validate_config(raw: dict, source: str = "<config>") -> Any:
     try:
         cfg = cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e)) from None
+        raise ConfigError(source, format_validation_error(e, cls)) from None
     problems = []
     for r, ov in enumerate(cfg.rounds.overrides):
         for stage, section in ov.items():
@@ -157,7 +182,7 @@ def validate_config(raw: dict, source: str = "<config>") -> Any:
             try:
                 type(base).model_validate(deep_merge(base.model_dump(), section))
             except ValidationError as e:
-                problems += [f"rounds.overrides.{r}.{stage}.{p}" for p in format_validation_error(e)]
+                problems += [f"rounds.overrides.{r}.{stage}.{p}" for p in format_validation_error(e, type(base))]
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Any
 
+from pipeline.logging import quiet_ray
+
 log = logging.getLogger(__name__)
 
 
@@ -19,11 +21,13 @@ def init_ray(cfg: Any = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()  # before ray.init: its start-up notices go through the "ray" logger's handler
     address = getattr(cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True, "ignore_reinit_error": True}
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **kwargs)
+        quiet_ray()
         return
     if getattr(cfg, "num_cpus", None):
         kwargs["num_cpus"] = cfg.num_cpus
@@ -33,3 +37,4 @@ def init_ray(cfg: Any = None) -> None:
     ray.init(include_dashboard=False, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("R1V_PROGRESS", "1") == "1"
+    quiet_ray()

@@ -20,11 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import EXIT_LOCKED, R1vError
+
 LOCK_FILE = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(R1vError, RuntimeError):
     """Another live process holds the run directory."""
+
+    exit_code = EXIT_LOCKED
 
     def __init__(self, run_dir: Path, holder: dict[str, Any]) -> None:
         self.run_dir, self.holder = run_dir, holder

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import dump_yaml, stage_config_for_round
+from pipeline.errors import StaleUpstreamError, UnknownStepError
 from pipeline.rundir import (
     MANIFEST,
     PROGRESS,
@@ -198,8 +199,7 @@ class Runner:
 
         for key in (stage, from_):
             if key is not None and not any(match(s, key) for s in self.steps):
-                known = ", ".join(s.name for s in self.steps)
-                raise ValueError(f"no step or stage {key!r} in this run's plan (steps: {known})")
+                raise UnknownStepError(key, [s.name for s in self.steps])
         if stage is not None:
             return [s for s in self.steps if match(s, stage)]
         if from_ is not None:
@@ -234,7 +234,7 @@ class Runner:
             for up in self.upstream(step):
                 up_state, _ = self.state(self.by_name[up])
                 if up_state != "done":
-                    raise RuntimeError(
+                    raise StaleUpstreamError(
                         f"step {step.name!r} needs {up!r}, which is {up_state}: run it first "
                         f"(r1v run CONFIG --from {up})"
                     )

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 import pytest
 
 from filters import curate
 from filters.curate import CurateConfig
-from filters.report import load_run, round_yield, write_report
+from filters.report import drop_totals, load_run, round_yield, write_report
+from filters.report_parts import SERIES, VERDICT_COLOURS
+from pipeline.rundir import Manifest
 from pipeline.schema import CHAINS, PROBLEMS, extend
 from pipeline.synthetic import make_problem
 from tests.filters.stagectx import run_stage, write_step
 
-FILTERED = extend(CHAINS, pa.field("verdict", pa.string()), pa.field("quality", pa.float64()),
+FILTERED = extend(CHAINS, pa.field("pred_answer", pa.string()), pa.field("verdict", pa.string()), pa.field("quality", pa.float64()),
                   pa.field("keep", pa.bool_()), pa.field("drop_reason", pa.string()))
 
 
@@ -30,7 +34,7 @@ def _chain(i: int, pid: str, verdict: str, tokens: int, penalty: float) -> dict:
     return {"chain_id": f"c{i}", "problem_id": pid, "round": 0, "teacher": "t", "sample_idx": i % 3,
             "reasoning": f"step {i} " * (tokens // 2), "response": "\\boxed{1}", "completion_tokens": tokens,
             "sampling": {"temperature": 0.6, "top_p": 1.0, "max_tokens": 512, "repetition_penalty": penalty, "seed": i},
-            "verdict": verdict, "quality": 4.0 if keep else 0.0, "keep": keep,
+            "pred_answer": "1" if keep else f"{i}0", "verdict": verdict, "quality": 4.0 if keep else 0.0, "keep": keep,
             "drop_reason": None if keep else verdict}
 
 
@@ -39,7 +43,8 @@ def test_report_on_partial_run_says_what_is_missing(tmp_path):
     write_step(run, "ingest", PROBLEMS, "problems", _problems(3))
     page = write_report(run).read_text()
     assert "<h2>Steps and counts</h2>" in page and "<td>ingest</td>" in page
-    assert page.count('class="missing"') == 4  # lengths, correctness, penalty, rounds
+    # lengths, correctness, penalty, rounds, training, evaluation, examples
+    assert page.count('class="missing"') == 7
     assert "no filter step output" in page and "no generate / filter / curate step" in page
     assert not list((run / "report").glob("*.png"))  # no drop happened, nothing to plot
 
@@ -58,7 +63,7 @@ def test_report_numbers_follow_the_run(tmp_path):
                  "problems_attempted": 4, "problems_solved": m.metrics["problems_solved"],
                  "problems_to_retry": m.metrics["problems_to_retry"]}
     page = write_report(run).read_text()
-    assert 'class="missing"' not in page
+    assert page.count('class="missing"') == 2  # no train, no evaluate step
     for png in ("chain_lengths", "correctness_by_difficulty", "penalty_vs_length", "drop_reasons", "yield_per_round"):
         assert (run / "report" / f"{png}.png").exists()
     # 12 chains, penalties 1.00 .. 1.22, tokens rising with them: a perfect positive correlation.
@@ -68,3 +73,137 @@ def test_report_numbers_follow_the_run(tmp_path):
 def test_report_missing_run_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         write_report(tmp_path / "nope")
+
+
+# --- beyond curation: training, evaluation, examples; drops counted once; the page in a browser -------
+
+def _full_run(tmp_path, with_assess: bool = True):
+    """assess -> filter -> curate (real curate stage), two train steps with per-step logs, two evaluations."""
+    from trainers.train import TRAIN_LOG
+
+    run = tmp_path / "run"
+    write_step(run, "ingest", PROBLEMS, "problems", _problems(4))
+    write_step(run, "assess" if with_assess else "decontaminate", PROBLEMS, "problems", _problems(4))
+    chains = [_chain(i, f"p{i % 4}", ("correct", "wrong", "truncated")[i % 3], 100 + 40 * i, 1.0 + 0.02 * i)
+              for i in range(12)]
+    chains[5]["drop_reason"] = "looping"
+    write_step(run, "filter", FILTERED, "chains", chains)
+    fm = Manifest.load(run / "filter")
+    fm.kept = sum(c["keep"] for c in chains)
+    fm.dropped = dict(Counter(c["drop_reason"] for c in chains if not c["keep"]))
+    fm.write(run / "filter")
+    up = "assess" if with_assess else "decontaminate"
+    run_stage(curate, CurateConfig(n_per_problem=1), run, "curate", {"chains": ["filter"], "problems": [up]})
+    for t, name in enumerate(("train", "train-t1")):
+        rows = [{"step": s, "epoch": 0, "loss": 5.0 - 0.1 * s - t, "lr": 1e-3 * (1 - s / 10), "grad_norm": 1.0 + 0.01 * s,
+                 "tokens": 100, "tok_s": 1.0, "mfu": 0.0, "step_s": 0.1} for s in range(1, 9)]
+        write_step(run, name, TRAIN_LOG, "train_log", rows, stage="train", round_=t)
+    for t, (name, model) in enumerate((("evaluate", "train"), ("evaluate-t1", "train-t1"))):
+        m = Manifest(stage="evaluate", step=name, round=t, rows_in=8, kept=8, metrics={
+            "accuracy": 0.25 + 0.25 * t, "verdicts": {"correct": 2 + 2 * t, "wrong": 6 - 2 * t},
+            "by_subject": {"counting": {"accuracy": 0.5, "n": 4}, "geometry": {"accuracy": 0.25 * t, "n": 4}},
+            "by_difficulty": {"1": {"accuracy": 0.5, "n": 4}, "2": {"accuracy": 0.25 * t, "n": 4}},
+            "model_dir": str(run / model / "model")})
+        (run / name).mkdir(parents=True)
+        m.write(run / name)
+    return run
+
+
+def _section(page: str, key: str) -> str:
+    return page.split(f'<section id="{key}">')[1].split("</section>")[0]
+
+
+def test_report_training_evaluation_examples(tmp_path):
+    run = _full_run(tmp_path)
+    page = write_report(run).read_text()
+    assert page.count('class="missing"') == 0
+    tr = _section(page, "training")
+    assert "<td>train</td>" in tr and "<td>train-t1</td>" in tr and "<td>8</td>" in tr  # 8 optimizer steps each
+    assert "<td>4.9</td><td>4.2</td>" in tr  # train: first and final loss
+    ev = _section(page, "evaluation")
+    assert "evaluate (model of train)" in ev and "evaluate-t1 (model of train-t1)" in ev
+    assert "Accuracy by subject" in ev and "0.50 (n=4)" in ev and "Accuracy by difficulty" in ev
+    ex = _section(page, "examples")
+    assert ex.count("class='card kept'") == 1
+    # one dropped card per reason: wrong, truncated, looping
+    assert ex.count("class='card dropped'") == 3
+    for reason in ("wrong", "truncated", "looping"):
+        assert f'dropped: <mark class="reason">{reason}</mark>' in ex
+    assert ex.count('extracted answer: <mark class="answer">') == 4
+    assert "\\boxed{<mark class=\"answer\">1</mark>}" in ex  # the kept chain's answer, marked in its trace
+    assert ex.count("· gold: <code>") == 4
+    for png in ("training_curves", "evaluation_accuracy"):
+        assert (run / "report" / f"{png}.png").exists()
+    # sections in pipeline order
+    keys = [k.split('"')[0] for k in page.split('<section id="')[1:]]
+    assert keys == ["steps", "lengths", "correctness", "penalty", "drops", "rounds", "training", "evaluation", "examples"]
+
+
+def test_drops_counted_once_and_adds_up_explained(tmp_path):
+    run = _full_run(tmp_path)
+    d = load_run(run)
+    [cm] = d.steps("curate")
+    assert cm.dropped["filtered_out"] == 8  # the 8 chains the filter dropped
+    totals = drop_totals(d)
+    assert "curate:filtered_out" not in totals
+    assert sum(v for k, v in totals.items() if k.startswith("filter:")) == 8
+    page = write_report(run).read_text()
+    drops = _section(page, "drops")
+    assert "counted once, under filter" in drops
+    assert "adds up</b>: the step's rows in equal kept + dropped + quarantined" in _section(page, "steps")
+    assert "filtered_out: 8 (dropped by filter)" in _section(page, "steps")
+
+
+def test_no_penalty_plot_without_assess(tmp_path):
+    run = _full_run(tmp_path, with_assess=False)
+    page = write_report(run).read_text()
+    assert "no assess step" in _section(page, "penalty")
+    assert not (run / "report" / "penalty_vs_length.png").exists()
+
+
+def test_all_zero_evaluation_draws_nothing_and_says_why(tmp_path):
+    run = _full_run(tmp_path)
+    for name in ("evaluate", "evaluate-t1"):
+        m = Manifest.load(run / name)
+        m.metrics["accuracy"] = 0.0
+        m.write(run / name)
+    page = write_report(run).read_text()
+    assert "Every phase scored 0 correct answers, so no accuracy plot." in _section(page, "evaluation")
+    assert not (run / "report" / "evaluation_accuracy.png").exists()
+
+
+def test_verdict_colours_read():
+    assert VERDICT_COLOURS["correct"] == "#1a9850" and VERDICT_COLOURS["wrong"] == "#d73027"  # green, red
+    assert not {c.lower() for c in SERIES} & {"#1a9850", "#d73027", "#2ca02c", "#d62728"}
+
+
+@pytest.fixture
+def browser_profile(tmp_path):
+    from tests.browser import chromium
+
+    if chromium() is None:
+        pytest.skip("no chromium installed (Debian package `chromium`)")
+    return tmp_path / "profile"
+
+
+def test_report_page_in_a_real_browser(tmp_path, browser_profile):
+    from tests.browser import load_page
+
+    # the check itself catches a broken image and a console error
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><img alt="x" src="missing.png"><script>console.error("boom")</script></body></html>')
+    broken = load_page(bad, tmp_path / "p0")
+    assert [i["width"] for i in broken.images] == [0] and any("boom" in e for e in broken.errors)
+
+    run = _full_run(tmp_path)
+    path = write_report(run)
+    got = load_page(path, browser_profile)
+    assert got.title == "r1v report: run"
+    assert got.errors == []
+    names = [i["alt"] for i in got.images]
+    assert names == [p.stem for p in sorted((run / "report").glob("*.png"), key=lambda p: names.index(p.stem))]
+    assert len(names) >= 7
+    for img in got.images:
+        assert img["complete"] and img["width"] > 100 and img["height"] > 100 and img["shown"] > 100, img
+    for title in ("Steps and counts", "Training: loss", "Evaluation: accuracy", "Example chains"):
+        assert title in got.text
