@@ -76,7 +76,8 @@ class HFEngineConfig(EngineBase):
     attn_implementation: str | None = Field(None, description="e.g. sdpa, flash_attention_2 (default: transformers')")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "dtype": self.dtype, "multimodal": self.multimodal}
+        # logic 2: the repetition penalty skips left padding (chains cached before could differ by batch)
+        return {**super().cache_identity(), "dtype": self.dtype, "multimodal": self.multimodal, "logic": 2}
 
 
 class OpenAIEngineConfig(EngineBase):
