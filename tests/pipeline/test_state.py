@@ -203,7 +203,7 @@ def test_manifest_records_library_versions(tmp_path):
 
 
 def test_multiple_choice_problems_with_other_options_are_other_problems(tmp_path):
-    from pipeline.ingest import load_sources, SourceConfig
+    from pipeline.ingest import SourceConfig, load_sources
 
     rows = [{"question": "Which is largest?", "answer": "B", "choices": ["1", "2", "3"]},
             {"question": "Which is largest?", "answer": "B", "choices": ["5", "9", "7"]},
