@@ -6,15 +6,23 @@
 Scores (DESIGN.md, "AL-CoTD"): S_v (vision: image clarity and necessity), S_t (text: question quality,
 difficulty, reasoning demand), S_I (image-text integration). They come from heuristic scorers that need
 no model (filters/assess_heuristics.py: pixel statistics and text cues) and, optionally, from a judge
-model behind any teacher engine (filters/judge.py), blended by `judge.weight`. Each score is min-max
-normalised over the dataset, then
+model behind any teacher engine (filters/judge.py; replies cached like chains), blended by `judge.weight`.
+Each score is min-max normalised, then
 
     c = (S_v + beta*S_t + gamma*S_I) / (1 + beta + gamma)          (problem complexity, in [0, 1])
     P = min(2, exp(alpha * (1 - c)))                               (repetition penalty, in [1, min(2, e^alpha)])
     max_tokens = min_tokens + (max_tokens - min_tokens) * c**exponent, rounded up to `multiple_of`
 
 so a hard, image-dependent problem gets a low penalty and a long budget, an easy one a high penalty and
-a short budget. Both are written per row for `generate`; the raw sub-scores are kept in `qa_*` columns.
+a short budget.
+
+Normalisation bounds (and the top difficulty level) are frozen: taken from the pool on this step's first
+run, recorded in the manifest (`metrics.normalisation`) and reused when the pool changes, new scores
+outside them clipped. Min-max over the whole pool would move every problem's penalty and budget when
+problems are added, and with them every generation cache key: growing 60 -> 120 problems re-bought every
+chain. Frozen bounds keep the paper's spread on the first pool and change nothing for problems already
+there; quantising penalties instead would still move the problems near a step. `normalise: pool`
+re-normalises on every run; `bounds` pins them explicitly. Both are written per row for `generate`; the raw sub-scores are kept in `qa_*` columns.
 """
 
 from __future__ import annotations

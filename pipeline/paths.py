@@ -16,7 +16,9 @@ directory there is refused at validation (set `R1V_ROOT` in the job's runtime en
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,85 @@ def job_problems(raw: dict, resolved: dict) -> list[str]:
             f"directory, which holds only the files under it: give an absolute path on storage every node sees"
         )
     return problems
+
+
+# ---------------------------------------------------------------- the files an ingest source reads
+
+
+def _image_refs(value: Any) -> list[str]:
+    """Image file names in one row's image column (paths, or {path} dicts without bytes)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif isinstance(item, dict) and item.get("bytes") is None and isinstance(item.get("path"), str) and item["path"]:
+            out.append(item["path"])
+    return out
+
+
+_REFS_MEMO: dict[tuple, tuple[list[Path], set[str], int]] = {}
+
+
+def source_files(src: Any, limit: int | None) -> tuple[list[Path], set[str], int]:
+    """(files read, image files its rows name (resolved like ingest resolves them), rows read) of one
+    ingest source (pipeline.ingest.SourceConfig); memoised on the files' stamps, so `r1v status` and a
+    re-run parse a source only after it changed."""
+    p = Path(src.path)
+    if src.kind == "hf":  # the dataset directory is the data (images inline in its Arrow files)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        return files, set(), limit or 0
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    col = src.columns.images
+    key = (tuple(tuple(file_stat(f)) for f in files), col, limit)
+    if key in _REFS_MEMO:
+        return _REFS_MEMO[key]
+    base = p if p.is_dir() else p.parent
+    refs: set[str] = set()
+    n = 0
+    if col and p.exists():
+        for value in _image_column(src, files, col, limit):
+            n += 1
+            refs.update(str(base / r) for r in _image_refs(value))
+    _REFS_MEMO[key] = (files, refs, n)
+    return files, refs, n
+
+
+def _image_column(src: Any, files: list[Path], col: str, limit: int | None) -> Iterator[Any]:
+    """The image column of every row ingest would read (one value per row, None where absent)."""
+    n = 0
+    if src.kind == "jsonl":
+        with open(files[0], encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    yield None
+                    continue
+                yield row.get(col) if isinstance(row, dict) else None
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        typ = pf.schema_arrow.field(col).type if col in names else None
+        # Only path-typed columns name files; inline bytes are covered by the Parquet file's own stamp.
+        if not (typ is not None and (pa.types.is_string(typ) or pa.types.is_large_string(typ) or (
+                pa.types.is_list(typ) and pa.types.is_string(typ.value_type)))):
+            k = pf.metadata.num_rows if limit is None else min(pf.metadata.num_rows, limit - n)
+            n += k
+            yield from [None] * k
+            continue
+        for batch in pf.iter_batches(batch_size=4096, columns=[col]):
+            for v in batch.column(0).to_pylist():
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield v

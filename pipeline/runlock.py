@@ -24,6 +24,23 @@ from pipeline.errors import EXIT_LOCKED, R1vError
 
 LOCK_FILE = ".lock"
 
+# fds of the locks this process holds. A forked child (a verifier worker, a multiprocessing pool) gets a
+# copy of each; closing the copies there keeps the lock tied to the driver's life only (the lock stays
+# held through the driver's own fd). Across exec the fds are not inherited at all (os.open's default).
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
 
 class RunLockedError(R1vError, RuntimeError):
     """Another live process holds the run directory."""
@@ -89,10 +106,12 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             try:
                 os.ftruncate(self._fd, 0)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

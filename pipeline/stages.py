@@ -6,6 +6,10 @@ and `TABLES` (the table names it writes, for fingerprints). It may define
 `preflight(cfg) -> list[str]` for problems found without reading data (missing files), and
 `RESUMABLE = True` when its `run` reads back the shards of a killed attempt (`ctx.resume`) and
 writes only what is missing; other stages start from an empty step directory.
+`LOGIC_VERSION = n` (default 1) enters the fingerprint: bump it with any code change that changes the
+stage's output (a verifier fix, a new id scheme), so finished steps become stale. `ROWS_FROM = role`
+names the input whose table rows_in counts; the runner records how rows_in follows from those input
+steps' manifests (Manifest.inputs).
 Stage modules import only light modules at the top; torch, transformers and vLLM load inside `run`.
 """
 

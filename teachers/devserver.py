@@ -35,6 +35,9 @@ class ServerConfig:
     slow_s: float = 3.0
     reasoning_content: bool = False
     words: int = 40
+    slow_requests: tuple[int, ...] = ()  # these request numbers (1-based) are answered after slow_s
+    reject_fields: tuple[str, ...] = ()  # 400 for a body carrying any of these, as hosted APIs answer
+    require_key: str | None = None  # 401 (quoting the key sent back, as some APIs do) for any other key
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ServerStats:
     images: int = 0
     answered: Counter = field(default_factory=Counter)  # request digest -> 200 answers
     authorization: Counter = field(default_factory=Counter)  # Authorization header values seen
+    finished: list = field(default_factory=list)  # request numbers in the order they were answered
+    bodies: list = field(default_factory=list)  # request bodies, in arrival order
 
 
 def _image_count(messages: list[dict]) -> int:
@@ -113,6 +118,16 @@ def make_app(cfg: ServerConfig, stats: ServerStats):
             body = await request.json()
         except json.JSONDecodeError:
             return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
+        with lock:
+            stats.bodies.append(body)
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if cfg.require_key is not None and sent != cfg.require_key:
+            return web.json_response({"error": {"message": f"Incorrect API key provided: {sent}",
+                                                "type": "invalid_request_error"}}, status=401)
+        bad = [k for k in cfg.reject_fields if k in body]
+        if bad:
+            return web.json_response({"error": {"message": f"Unrecognized request argument supplied: {bad[0]}",
+                                                "type": "invalid_request_error", "param": None}}, status=400)
         if fault:
             stats.faults[fault] += 1
         if fault == "rate_limit":
@@ -123,7 +138,7 @@ def make_app(cfg: ServerConfig, stats: ServerStats):
         if fault == "drop":
             request.transport.abort()  # the client sees the connection reset with no response
             return web.Response(status=500)
-        if fault == "slow":
+        if fault == "slow" or n in cfg.slow_requests:
             await asyncio.sleep(cfg.slow_s)
         try:
             images = _image_count(body.get("messages", []))
@@ -136,6 +151,7 @@ def make_app(cfg: ServerConfig, stats: ServerStats):
             stats.ok += 1
             stats.images += images
             stats.answered[data.pop("_digest")] += 1
+            stats.finished.append(n)
         return web.json_response(data)
 
     app = web.Application(client_max_size=64 * 1024 * 1024)

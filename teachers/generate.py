@@ -104,8 +104,11 @@ class GenerateConfig(StageConfig):
     workers: int = Field(1, ge=0, description="engine actors (one engine each); 0 = in-process, no Ray")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per engine actor (vllm: tensor x pipeline parallel)")
-    batch_size: int = Field(
-        16, ge=1, description="requests per worker call (openai: at least max_concurrency, or it caps the concurrency)"
+    batch_size: int = Field(16, ge=1, description="requests per worker call")
+    concurrent_batches: int | None = Field(
+        None, ge=1,
+        description="worker calls in flight per engine (default: 2 for openai, whose engine shares its "
+        "max_concurrency slots across calls, so a long straggler idles no slot; 1 for the others)",
     )
     flush_rows: int = Field(256, ge=1, description="chains per shard: a kill loses at most this many")
     cache: bool = Field(True, description="use the per-sample generation cache")
@@ -296,13 +299,35 @@ def _load_problems(cfg: GenerateConfig, ctx: Any, m: Manifest) -> list[dict[str,
     return unique[: cfg.limit] if cfg.limit else unique
 
 
+def concurrent_calls(cfg: Any) -> int:
+    n = getattr(cfg, "concurrent_batches", None)
+    return n if n else (2 if cfg.engine.kind == "openai" else 1)
+
+
 def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
-    """Stream chain batches for the work rows in `todo` (`per_call` problems per worker call)."""
+    """Stream chain batches for the work rows in `todo` (`per_call` problems per worker call), in the
+    order they finish; `concurrent_calls(cfg)` calls in flight per engine."""
+    calls = concurrent_calls(cfg)
     if cfg.workers == 0:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
         worker = GenerateWorker(cfg.engine.model_dump())
+        slices = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
         try:
-            for i in range(0, todo.num_rows, per_call):
-                yield worker(todo.slice(i, per_call))
+            if calls == 1:
+                for s in slices:
+                    yield worker(s)
+                return
+            with ThreadPoolExecutor(max_workers=calls) as pool:
+                pending = {pool.submit(worker, s) for s in slices[:calls]}
+                nxt = calls
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        if nxt < len(slices):
+                            pending.add(pool.submit(worker, slices[nxt]))
+                            nxt += 1
+                        yield fut.result()
         finally:
             worker.close()
         return
@@ -322,7 +347,7 @@ def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
             fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
             batch_size=per_call,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+            compute=_actor_pool(cfg.workers, calls),
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None,
         )
@@ -330,6 +355,16 @@ def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
     # a worker call late (for the first batch, for the shard writes and for what a kill loses).
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield conform(batch, WORKER_OUT)
+
+
+def _actor_pool(workers: int, calls: int) -> Any:
+    import ray
+
+    if calls == 1:
+        return ray.data.ActorPoolStrategy(size=workers)
+    # `calls` batches run at once in each actor (threads): the engine shares its request slots across them
+    return ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=calls,
+                                      max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=True)
 
 
 def generate_rows(todo: list[dict[str, Any]], cfg: Any, cache: GenerationCache | None
@@ -398,10 +433,11 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
             todo.append({**w, "samples": left})
     n_todo = sum(len(w["samples"]) for w in todo)
     conc = getattr(cfg.engine, "max_concurrency", 0)
-    if cfg.workers and conc > cfg.batch_size:
-        # A worker holds one batch at a time, so a batch smaller than the concurrency caps it.
-        log.warning("generate: batch_size %d < engine.max_concurrency %d: at most %d requests in flight per worker",
-                    cfg.batch_size, conc, cfg.batch_size)
+    calls = concurrent_calls(cfg)
+    if conc > cfg.batch_size * calls:
+        # A worker holds `calls` batches at a time, so fewer requests than the concurrency cap it.
+        log.warning("generate: batch_size %d x concurrent_batches %d < engine.max_concurrency %d: at most %d "
+                    "requests in flight per worker", cfg.batch_size, calls, conc, cfg.batch_size * calls)
     log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
              expected, len(done), n_todo, cfg.engine.kind, cfg.engine.teacher_name())
     t0 = acct.t0 = time.perf_counter()

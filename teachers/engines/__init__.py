@@ -76,7 +76,8 @@ class HFEngineConfig(EngineBase):
     attn_implementation: str | None = Field(None, description="e.g. sdpa, flash_attention_2 (default: transformers')")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "dtype": self.dtype, "multimodal": self.multimodal}
+        # logic 2: the repetition penalty skips left padding (chains cached before could differ by batch)
+        return {**super().cache_identity(), "dtype": self.dtype, "multimodal": self.multimodal, "logic": 2}
 
 
 class OpenAIEngineConfig(EngineBase):
@@ -85,15 +86,25 @@ class OpenAIEngineConfig(EngineBase):
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="name of the environment variable holding the API key (the key is never logged)"
     )
-    max_concurrency: int = Field(16, ge=1, description="requests in flight per worker")
-    max_retries: int = Field(6, ge=0, description="retries on 429 / 5xx / timeouts / dropped connections")
-    backoff_base_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry, with full jitter")
-    backoff_max_s: float = Field(30.0, ge=0, description="cap on one retry delay")
-    timeout_s: float = Field(600.0, gt=0, description="per-request timeout (long chains take minutes)")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight per worker (shared by its batches)")
+    max_retries: int = Field(
+        6, ge=0, description="retries on 408/409/429/5xx, timeouts and dropped connections (the openai client's "
+        "exponential backoff with jitter, 0.5 s doubling to 8 s; a server's Retry-After up to 2 min is honoured)"
+    )
+    timeout_s: float = Field(600.0, gt=0, description="timeout of one attempt (long chains take minutes)")
+    deadline_s: float = Field(
+        3600.0, gt=0, description="bound on one request's total wait: attempts, backoff and waiting for a slot"
+    )
+    sampling_extensions: list[Literal["repetition_penalty", "top_k", "seed"]] = Field(
+        default_factory=lambda: ["repetition_penalty", "top_k", "seed"],
+        description="sampling fields outside the OpenAI API that this endpoint takes (sent in extra_body): vLLM and "
+        "SGLang take all three; a hosted API usually none (an endpoint rejecting one fails the run once, saying so)",
+    )
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent with each request")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {**super().cache_identity(), "extra_body": self.extra_body}
+        return {**super().cache_identity(), "extra_body": self.extra_body,
+                "sampling_extensions": sorted(self.sampling_extensions)}
 
 
 class VLLMEngineConfig(EngineBase):

@@ -203,7 +203,7 @@ def test_manifest_records_library_versions(tmp_path):
 
 
 def test_multiple_choice_problems_with_other_options_are_other_problems(tmp_path):
-    from pipeline.ingest import load_sources, SourceConfig
+    from pipeline.ingest import SourceConfig, load_sources
 
     rows = [{"question": "Which is largest?", "answer": "B", "choices": ["1", "2", "3"]},
             {"question": "Which is largest?", "answer": "B", "choices": ["5", "9", "7"]},
@@ -254,3 +254,28 @@ def test_chat_template_edit_changes_assemble_fingerprint(tmp_path, monkeypatch):
     before = assemble_extra(cfg)
     (tpl / "chatml_think.jinja").write_text((tpl / "chatml_think.jinja").read_text() + "\n")
     assert assemble_extra(cfg) != before
+
+
+def _child(ready, stop) -> None:
+    ready.set()
+    stop.wait(60)
+
+
+def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
+    """Verifier workers fork from the driver: when the driver dies, a child still alive must not hold
+    the run."""
+    import multiprocessing as mp
+
+    lock = RunLock(tmp_path / "run").acquire()
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_child, args=(ready, stop))
+    child.start()
+    assert ready.wait(30)  # the child runs (its at-fork handlers have run)
+    try:
+        os.close(lock._fd)  # the driver's fd goes as at its death (no unlock call); the child lives on
+        with RunLock(tmp_path / "run"):
+            pass
+    finally:
+        stop.set()
+        child.join(10)

@@ -16,7 +16,7 @@ from teachers.devserver import DevServer, ServerConfig
 @pytest.mark.slow
 def test_runner_caption_then_text_only_teacher_then_cached_rerun(tmp_path, ray_local):
     with DevServer(ServerConfig(fault_every=7)) as srv:
-        engine = {"kind": "openai", "base_url": srv.url, "api_key_env": None, "backoff_base_s": 0.01,
+        engine = {"kind": "openai", "base_url": srv.url, "api_key_env": None,
                   "timeout_s": 10.0, "max_concurrency": 8}
         cfg = {
             "run": {"name": "e2e", "root": str(tmp_path / "runs"), "seed": 0},

@@ -22,7 +22,7 @@ def fault_server():
 
 def _cfg(url: str, **kw) -> GenerateConfig:
     engine = OpenAIEngineConfig(base_url=url, model="dev-r1", api_key_env="R1V_TEST_KEY", max_concurrency=4,
-                                timeout_s=2.0, backoff_base_s=0.01, backoff_max_s=0.1, max_retries=8)
+                                timeout_s=2.0, max_retries=8)
     base = dict(engine=engine, samples_per_problem=3, max_tokens=200, workers=2, batch_size=6, flush_rows=10)
     return GenerateConfig(**{**base, **kw})
 
@@ -97,7 +97,7 @@ def test_engine_called_from_inside_a_running_event_loop():
     from teachers.engines import GenRequest, make_engine
 
     with DevServer(ServerConfig(fault_every=3, faults=("rate_limit",))) as srv:
-        eng = make_engine(OpenAIEngineConfig(base_url=srv.url, model="m", api_key_env=None, backoff_base_s=0.01))
+        eng = make_engine(OpenAIEngineConfig(base_url=srv.url, model="m", api_key_env=None))
         reqs = [GenRequest(messages=[{"role": "user", "content": f"q{i}"}], sampling={"seed": i}) for i in range(6)]
 
         async def inside_loop():  # as in an async actor: the engine must not nest asyncio.run

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import sys
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from pipeline.config import load_config
 from pipeline.rundir import Manifest, read_table
 from pipeline.runner import Runner
-
 from tests.pipeline.test_state import REPO
 
 _DATA_ONLY = ["assemble=null", "train=null", "evaluate=null", "generate.workers=0", "caption.workers=0"]
@@ -41,17 +41,17 @@ def test_growing_the_pool_pays_only_for_new_problems(tmp_path, ray_local, normal
     big = _run(tmp_path, 120, f"assess.normalise={normalise}")
     am = Manifest.load(big.run_dir / "assess")
     assert am.rows_in > len(old_problems)
-    calls, new_chains, kept_same = 0, 0, 0
+    calls, new_chains, same_text = 0, 0, 0
     for step in _gen_steps(big):
         m = Manifest.load(big.run_dir / step)
         t = _chains(big, step)
-        is_new = pc.invert(pc.is_in(t.column("problem_id"), value_set=__import__("pyarrow").array(sorted(old_problems))))
+        is_new = pc.invert(pc.is_in(t.column("problem_id"), value_set=pa.array(sorted(old_problems))))
         new_chains += pc.sum(is_new).as_py() or 0
         calls += m.metrics["requests"]
         old = {r["chain_id"]: r["completion"] for r in before[step].to_pylist()}
-        kept_same += sum(1 for r in t.to_pylist() if old.get(r["chain_id"]) == r["completion"])
+        same_text += sum(1 for r in t.to_pylist() if old.get(r["chain_id"]) == r["completion"])
     print(f"\npool 60 -> 120 ({normalise}): {calls} engine calls for {new_chains} new-problem chains; "
-          f"{kept_same} chains of the first run reused", file=sys.__stderr__)
+          f"{same_text} chains identical to the first run's", file=sys.__stderr__)
     if normalise == "frozen":
         assert am.metrics["normalisation"]["from"] == "previous run"
         assert calls == new_chains > 0
