@@ -124,9 +124,9 @@ def agreement(rows: list[dict], pool, scorer, cfg) -> None:
     lab = [bool(s["source_is_correct"]) for s in src]
     ours = [r["verdict"] == "correct" for r in out]
     n = len(lab)
-    print(f"traces-dev agreement with the source labels | filter {sum(a == b for a, b in zip(ours, lab)) / n:.1%} "
-          f"| bare math-verify {sum(a == b for a, b in zip(mv, lab)) / n:.1%} "
-          f"| filter vs bare math-verify {sum(a == b for a, b in zip(ours, mv)) / n:.1%} ({n} chains)")
+    print(f"traces-dev agreement with the source labels | filter {sum(a == b for a, b in zip(ours, lab, strict=True)) / n:.1%} "
+          f"| bare math-verify {sum(a == b for a, b in zip(mv, lab, strict=True)) / n:.1%} "
+          f"| filter vs bare math-verify {sum(a == b for a, b in zip(ours, mv, strict=True)) / n:.1%} ({n} chains)")
     opts = {"float_rounding": 6, "percent_either_way": True}
     o = b = 0
     for pred, gold, atype, choices, expected in PAIRS:
