@@ -185,8 +185,14 @@ def _gold_is_word(gold: str | None) -> bool:
     return bool(gold) and is_verdict_word(gold)
 
 
-def _usable(ans: str | None, gold_word: bool) -> bool:
-    return bool(ans) and (gold_word or not is_verdict_word(ans))
+def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
+    """A candidate from prose is an answer unless it judges ("correct") or is a clause, not a value
+    ("let me think about it again"): six words or more, no digit, no math, where the gold is short."""
+    if not ans or (not gold_word and is_verdict_word(ans)):
+        return False
+    words = len(_words_only(ans).split())
+    long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
+    return long_gold or words < 6 or bool(re.search(r"[\d\\^=]", ans))
 
 
 def _boxed(text: str) -> Extraction | None:
@@ -309,7 +315,7 @@ def extract(response: str, answer_type: str | None = None, gold: str | None = No
     tail = response[offset:]
     for rule in (_tagged, _heading, _answer_is, _display, _last_sentence):
         found = rule(tail, offset)
-        if found is not None and _usable(found.answer, gold_word):
+        if found is not None and _usable(found.answer, gold_word, gold):
             return found
     if answer_type == "choice":
         last_line = tail.strip().splitlines()[-1] if tail.strip() else ""

@@ -104,7 +104,9 @@ def _split_sky(text: str) -> Split:
 
 # ------------------------------------------------------------------ does a text stop mid-way?
 
-_CLEAN_END = re.compile(r"(?:[.!?。！？)\]}|>]|\$\$|\$|\\\]|\\\)|\*\*|`|\\end\{[a-z*]+\}|[\d%°]|\\circ)\s*$", re.I)
+_CLEAN_END = re.compile(
+    r"(?:[.!?。！？)\]}|>\"'”’»∎■□✓✔✅]|\$\$|\$|\\\]|\\\)|\*\*|`|\\end\{[a-z*]+\}|[\d%°]|\\circ)\s*$", re.I
+)
 _WORDS = re.compile(r"[A-Za-z]{2,}")
 
 

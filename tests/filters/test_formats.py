@@ -130,3 +130,37 @@ def test_filter_stage_counts_formats_and_warns(tmp_path):
         ("correct", "boxed"), ("correct", "boxed"), ("wrong", "boxed"), ("no_answer", ""), ("truncated", ""), ("timeout", "boxed"),
         ("gold_unparsable", "boxed"),
     ])
+
+
+def test_status_shows_the_format_warning(tmp_path, capsys):
+    """A declared format most rows lack is a warning in the manifest and in `r1v status`."""
+    import yaml
+
+    from pipeline.cli import main
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS[:5]) + "\n")
+    cols = {"question": "q", "answer": "gold", "trace": "out", "id": "id"}
+    ingest_cols = {"id": "id", "question": "q", "answer": "gold", "images": None, "choices": None,
+                   "answer_type": None}
+    cfg = {"run": {"name": "t", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2},
+           "ingest": {"sources": [{"kind": "jsonl", "path": str(path), "columns": ingest_cols}]},
+           "filter": {"workers": 0, "source": {"path": str(path), "columns": cols, "format": "think"}},
+           "curate": {"n_per_problem": 2}}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(cfg_path)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs" / "t")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning filter: filter.source.format is 'think' but only 2 of 5 chains carry it" in out
+
+
+def test_token_count_at_the_budget_is_evidence_only_without_a_finish_reason():
+    from filters.filter import _generation_cut
+
+    sampling = {"max_tokens": 800}
+    assert _generation_cut({"finish_reason": None, "completion_tokens": 800, "sampling": sampling})
+    assert _generation_cut({"finish_reason": None, "completion_tokens": 799, "sampling": sampling}) is None
+    assert _generation_cut({"finish_reason": "stop", "completion_tokens": 800, "sampling": sampling}) is None
+    assert _generation_cut({"finish_reason": "length", "completion_tokens": 10, "sampling": None})
