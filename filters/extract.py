@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from filters.formats import (  # noqa: F401 - re-exported: callers split and extract through this module
+    MONEY,
     SKY_SOLUTION_CLOSE,
     SKY_SOLUTION_OPEN,
     SKY_THOUGHT_CLOSE,
@@ -286,6 +287,9 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     ends = [m.end() for m in _SENTENCE_END.finditer(t) if m.end() < len(t) - 1]
     start = ends[-1] if ends else max(0, len(t) - 600)
     sentence = t[start:].strip()
+    if sentence.replace("$$", "").replace("\\$", "").count("$") % 2:
+        # an odd "$": money ("costs $5") is no math delimiter; keep it, but out of the pairing
+        sentence = MONEY.sub(lambda m: "＄" + m.group(0)[1:], sentence)
     math = _last_match(_INLINE_MATH, sentence)
     if math and not sentence[math.end() :].strip(" .!,;*"):
         body = (math.group(1) or math.group(2) or "").strip()
@@ -296,7 +300,7 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     parts = _COPULA.split(sentence)
     if len(parts) < 2:
         return None
-    ans = clean_answer(parts[-1].strip())
+    ans = clean_answer(parts[-1].strip().replace("＄", "$"))
     ans = re.sub(r"^(?:approximately|about|exactly|roughly|precisely)\s+", "", ans, flags=re.I)
     if not ans or len(ans) > 120 or len(_words_only(ans).split()) > 6:
         return None
