@@ -277,6 +277,10 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
         problems.setdefault(p["problem_id"], p)
     m.metrics["external_source"] = cfg.source.path
     m.metrics["external_problems"] = loaded.problems.num_rows
+    m.metrics["external_rows"] = loaded.rows
+    if loaded.multi_sample_rows:
+        m.metrics["multi_sample_rows"] = loaded.multi_sample_rows
+        m.metrics["samples_skipped"] = loaded.samples_skipped  # samples=last_complete: not chains, not rows
     return loaded.chains, problems
 
 

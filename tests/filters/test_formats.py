@@ -122,6 +122,7 @@ def test_filter_stage_counts_formats_and_warns(tmp_path):
                                      "gold_unparsable": 1}
     assert m.kept + sum(m.dropped.values()) == 11
     assert any("filter.source.format is 'sky'" in w for w in m.metrics["warnings"])
+    assert (m.metrics["external_rows"], m.metrics["multi_sample_rows"]) == (10, 1)
     rows = read_table(tmp_path / "run" / "filter").to_pylist()
     assert sorted(r["sample_idx"] for r in rows) == [0] * 10 + [1]
     verdicts = sorted((r["verdict"], r["pred_source"] or "") for r in rows)
@@ -222,3 +223,24 @@ def test_garbage_is_a_verdict_never_a_crash():
     assert len(out) == len(rows)
     assert all(r["verdict"] in VERDICTS for r in out)
     assert all(r["keep"] == (r["drop_reason"] is None) for r in out)
+
+
+def test_last_complete_sample(tmp_path):
+    """samples=last_complete keeps the last sample with no cut; when every sample is cut, the last one
+    (which the filter then drops as truncated), and never a cut tail as if it were clean."""
+    from filters.external import ChainsSourceConfig, load_chains
+
+    whole, cut = "<think>a</think>So \\boxed{5}.", "<think>b</think>We now add the first and"
+    sep = "\n<|endoftext|>\n"
+    rows = [{"q": "one?", "gold": "5", "out": whole + sep + cut},
+            {"q": "two?", "gold": "5", "out": cut + sep + cut},
+            {"q": "three?", "gold": "5", "out": cut + sep + whole}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cols = {"question": "q", "answer": "gold", "trace": "out", "id": None}
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns=cols, samples="last_complete"))
+    chains = loaded.chains.to_pylist()
+    assert [(c["sample_idx"], c["completion"]) for c in chains] == [(0, whole), (1, cut), (1, whole)]
+    assert (loaded.multi_sample_rows, loaded.samples_skipped) == (3, 3)
+    each = load_chains(ChainsSourceConfig(path=str(path), columns=cols)).chains
+    assert each.num_rows == 6
