@@ -11,7 +11,10 @@ Scaling: the same work fanned out over Ray Data actor pools of 1 and 2 actors on
 the traces; throughput is each actor's chains over its own active span (batch start/end times taken
 inside the actor, so actor start-up is left out), summed over the actors; the end-to-end wall time is
 printed too. 1- and 2-actor runs alternate, best of --repeat each. Scaling ratio = 2 actors / 1 actor
-(target >= 1.7); it needs two otherwise idle cores, so the machine's load average is printed beside it.
+(target >= 1.7); it needs two otherwise idle cores, so the machine's load average is printed beside it,
+and the driver's share of the CPU time (driver CPU / (driver + actors)) is measured in the same runs.
+Agreement: the filter's verdicts and bare math-verify's against the traces' source labels and each other,
+and both against the expected verdicts of the answer-pair table (tests/filters/answer_pairs.py).
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ def load(copies: int = 1):
     return _problem_columns(table, problems)
 
 
-def bare(rows: list[dict]) -> float:
+def bare(rows: list[dict], verdicts: list | None = None) -> float:
     from math_verify import parse, verify
 
     t0 = time.perf_counter()
     for r in rows:
         gold = parse(f"${r['_gold']}$", parsing_timeout=None)
         pred = parse(r["completion"], parsing_timeout=None)
-        verify(gold, pred, timeout_seconds=None)
+        ok = verify(gold, pred, timeout_seconds=None)
+        if verdicts is not None:
+            verdicts.append(bool(ok))
     return time.perf_counter() - t0
 
 
@@ -87,9 +92,9 @@ def ray_run(table, workers: int, batch_size: int) -> tuple[float, float, float]:
     from filters.filter import FilterConfig, _run_batches
 
     cfg = FilterConfig(workers=workers, batch_size=batch_size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = pa.concat_tables(_run_batches(table, cfg, _timed_actor_cls()))
-    wall = time.perf_counter() - t0
+    wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.num_rows == table.num_rows
     # each actor's rows over its own active span, summed: the pool's throughput while its actors run,
     # not counting an actor that is still starting while the other already works
@@ -97,8 +102,39 @@ def ray_run(table, workers: int, batch_size: int) -> tuple[float, float, float]:
     for pid, t0_, t1_ in zip(*out.select(["_pid", "_t0", "_t1"]).to_pydict().values(), strict=True):
         by_pid.setdefault(pid, []).append((t0_, t1_))
     thr = sum(len(v) / (max(b for _a, b in v) - min(a for a, _b in v)) for v in by_pid.values())
-    cpu_ms = 1000 * sum(out.column("_cpu").to_pylist()) / out.num_rows
-    return thr, wall, cpu_ms
+    actor_cpu = sum(out.column("_cpu").to_pylist())
+    cpu_ms = 1000 * actor_cpu / out.num_rows
+    return thr, wall, cpu_ms, driver_cpu / max(1e-9, driver_cpu + actor_cpu)
+
+
+def agreement(rows: list[dict], pool, scorer, cfg) -> None:
+    """Verdict agreement on traces-dev (source labels are noisy) and on the answer-pair table."""
+    import json
+
+    from filters.filter import score_batch
+    from filters.verify import check_answer
+    from pipeline.ingest import infer_answer_type
+    from tests.filters.answer_pairs import PAIRS
+    from tests.filters.test_answer_pairs import bare_math_verify
+
+    out = score_batch(rows, cfg, pool, scorer)
+    mv: list = []
+    bare(rows, mv)
+    src = [json.loads(line) for line in TRACES.read_text().splitlines() if line.strip()]
+    lab = [bool(s["source_is_correct"]) for s in src]
+    ours = [r["verdict"] == "correct" for r in out]
+    n = len(lab)
+    print(f"traces-dev agreement with the source labels | filter {sum(a == b for a, b in zip(ours, lab, strict=True)) / n:.1%} "
+          f"| bare math-verify {sum(a == b for a, b in zip(mv, lab, strict=True)) / n:.1%} "
+          f"| filter vs bare math-verify {sum(a == b for a, b in zip(ours, mv, strict=True)) / n:.1%} ({n} chains)")
+    opts = {"float_rounding": 6, "percent_either_way": True}
+    o = b = 0
+    for pred, gold, atype, choices, expected in PAIRS:
+        t = infer_answer_type(gold, choices) if atype == "auto" else atype
+        o += check_answer(pred, gold, t, choices, opts)[0] == expected
+        b += bare_math_verify(pred, gold) == expected
+    print(f"answer-pair table ({len(PAIRS)} pairs) agreement with the expected verdicts | filter {o / len(PAIRS):.1%} "
+          f"| bare math-verify ($-wrapped) {b / len(PAIRS):.1%}")
 
 
 def main() -> None:
@@ -126,6 +162,7 @@ def main() -> None:
         bare(rows[:8])
         t_bare = min(bare(rows) for _ in range(args.repeat))
         t_ours = min(ours(rows, pool, scorer, cfg) for _ in range(args.repeat))
+        agreement(rows, pool, scorer, cfg)
     print(f"bare math-verify      | {n} chains | {n / t_bare:8.1f} chains/s")
     print(f"filter, one core      | {n} chains | {n / t_ours:8.1f} chains/s")
     print(f"cost ratio filter / bare math-verify: {t_ours / t_bare:.2f} (target <= 1.5)")
@@ -144,7 +181,8 @@ def main() -> None:
         best = max(runs[workers], key=lambda x: x[0])
         res[workers] = best
         print(f"ray data, {workers} actor(s) | {table.num_rows} chains | {best[0]:8.1f} chains/s steady "
-              f"| {best[1]:6.1f} s end to end | {best[2]:.2f} ms actor CPU per chain")
+              f"| {best[1]:6.1f} s end to end | {best[2]:.2f} ms actor CPU per chain | driver share of CPU "
+              f"{best[3]:.1%}")
     print(f"scaling 2 actors / 1 actor: {res[2][0] / res[1][0]:.2f} (target >= 1.7); "
           f"end to end {res[1][1] / res[2][1]:.2f}")
     # the scaling figure needs two idle cores: other load on the machine shows here

@@ -174,6 +174,48 @@ def rounded_equal(g: Any, p: Any, g_dec: int, p_dec: int) -> bool:
     return False
 
 
+# ------------------------------------------------------------------ relations and sets (sympy objects)
+
+
+def membership(x: Any) -> bool:
+    import sympy
+
+    return isinstance(x, sympy.Eq) and isinstance(x.rhs, sympy.Set)
+
+
+def is_relation(x: Any) -> bool:
+    r"""An inequality or a membership (`x \in S`), not a plain equation."""
+    import sympy
+
+    if membership(x):
+        return True
+    rel = (sympy.core.relational.Relational, sympy.And, sympy.Or)
+    return isinstance(x, rel) and not isinstance(x, (sympy.Eq, sympy.Ne))
+
+
+def sets_equal(G: Any, P: Any, eq: Callable[[Any, Any], bool]) -> bool:
+    """Two sets equal as sets, interval ends compared as numbers (so rounded ends count, 0.67 for 2/3)."""
+    import sympy
+
+    if G == P:
+        return True
+    if isinstance(G, sympy.Interval) and isinstance(P, sympy.Interval):
+        return (G.left_open, G.right_open) == (P.left_open, P.right_open) and all(
+            a == b or (a.is_finite and b.is_finite and eq(a, b)) for a, b in ((G.start, P.start), (G.end, P.end))
+        )
+    if isinstance(G, sympy.Union) and isinstance(P, sympy.Union) and len(G.args) == len(P.args):
+        return all(sets_equal(a, b, eq) for a, b in zip(G.args, P.args, strict=True))
+    if isinstance(G, sympy.FiniteSet) and isinstance(P, sympy.FiniteSet) and len(G) == len(P):
+        left = list(P.args)
+        for g in G.args:
+            hit = next((i for i, p in enumerate(left) if eq(g, p)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    return False
+
+
 # ------------------------------------------------------------------ lists of tuples
 
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from filters.formats import (  # noqa: F401 - re-exported: callers split and extract through this module
+    MONEY,
     SKY_SOLUTION_CLOSE,
     SKY_SOLUTION_OPEN,
     SKY_THOUGHT_CLOSE,
@@ -185,8 +186,14 @@ def _gold_is_word(gold: str | None) -> bool:
     return bool(gold) and is_verdict_word(gold)
 
 
-def _usable(ans: str | None, gold_word: bool) -> bool:
-    return bool(ans) and (gold_word or not is_verdict_word(ans))
+def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
+    """A candidate from prose is an answer unless it judges ("correct") or is a clause, not a value
+    ("let me think about it again"): six words or more, no digit, no math, where the gold is short."""
+    if not ans or (not gold_word and is_verdict_word(ans)):
+        return False
+    words = len(_words_only(ans).split())
+    long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
+    return long_gold or words < 6 or bool(re.search(r"[\d\\^=]", ans))
 
 
 def _boxed(text: str) -> Extraction | None:
@@ -280,6 +287,9 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     ends = [m.end() for m in _SENTENCE_END.finditer(t) if m.end() < len(t) - 1]
     start = ends[-1] if ends else max(0, len(t) - 600)
     sentence = t[start:].strip()
+    if sentence.replace("$$", "").replace("\\$", "").count("$") % 2:
+        # an odd "$": money ("costs $5") is no math delimiter; keep it, but out of the pairing
+        sentence = MONEY.sub(lambda m: "＄" + m.group(0)[1:], sentence)
     math = _last_match(_INLINE_MATH, sentence)
     if math and not sentence[math.end() :].strip(" .!,;*"):
         body = (math.group(1) or math.group(2) or "").strip()
@@ -290,7 +300,7 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     parts = _COPULA.split(sentence)
     if len(parts) < 2:
         return None
-    ans = clean_answer(parts[-1].strip())
+    ans = clean_answer(parts[-1].strip().replace("＄", "$"))
     ans = re.sub(r"^(?:approximately|about|exactly|roughly|precisely)\s+", "", ans, flags=re.I)
     if not ans or len(ans) > 120 or len(_words_only(ans).split()) > 6:
         return None
@@ -309,7 +319,7 @@ def extract(response: str, answer_type: str | None = None, gold: str | None = No
     tail = response[offset:]
     for rule in (_tagged, _heading, _answer_is, _display, _last_sentence):
         found = rule(tail, offset)
-        if found is not None and _usable(found.answer, gold_word):
+        if found is not None and _usable(found.answer, gold_word, gold):
             return found
     if answer_type == "choice":
         last_line = tail.strip().splitlines()[-1] if tail.strip() else ""

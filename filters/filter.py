@@ -126,9 +126,12 @@ def _split(row: dict, starts_in_think: bool):
 
 
 def _generation_cut(row: dict) -> str | None:
-    """Evidence from the generation itself: finish_reason "length", or the tokens at the budget."""
+    """Evidence from the generation itself: finish_reason "length", or (where the engine gave no finish
+    reason, as ray.data.llm and many trace files do) the completion tokens at the generation budget."""
     if row.get("finish_reason") == "length":
         return "finish_reason=length"
+    if row.get("finish_reason"):
+        return None  # the engine said why it stopped
     budget = (row.get("sampling") or {}).get("max_tokens")
     tokens = row.get("completion_tokens")
     if budget and tokens and tokens >= budget:
@@ -276,6 +279,10 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
         problems.setdefault(p["problem_id"], p)
     m.metrics["external_source"] = cfg.source.path
     m.metrics["external_problems"] = loaded.problems.num_rows
+    m.metrics["external_rows"] = loaded.rows
+    if loaded.multi_sample_rows:
+        m.metrics["multi_sample_rows"] = loaded.multi_sample_rows
+        m.metrics["samples_skipped"] = loaded.samples_skipped  # samples=last_complete: not chains, not rows
     return loaded.chains, problems
 
 

@@ -104,21 +104,23 @@ def _split_sky(text: str) -> Split:
 
 # ------------------------------------------------------------------ does a text stop mid-way?
 
-_CLEAN_END = re.compile(r"(?:[.!?。！？)\]}|>]|\$\$|\$|\\\]|\\\)|\*\*|`|\\end\{[a-z*]+\}|[\d%°]|\\circ)\s*$", re.I)
+_CLEAN_END = re.compile(
+    r"(?:[.!?。！？)\]}|>\"'”’»∎■□✓✔✅]|\$\$|\$|\\\]|\\\)|\*\*|`|\\end\{[a-z*]+\}|[\d%°]|\\circ)\s*$", re.I
+)
 _WORDS = re.compile(r"[A-Za-z]{2,}")
 
 
 # "$50." in prose is money, not an open formula ("$5$" is a formula: its number is followed by "$")
-_CURRENCY = re.compile(r"\$\d+(?:[.,]\d+)*(?![\d$])")
+MONEY = re.compile(r"\$\d+(?:[.,]\d+)*(?![\d$])")
 
 
 def _unbalanced_math(tail: str) -> bool:
     """An open formula in the last paragraph: `$` / `$$` / `\\[` / `\\(` / braces / environments."""
-    t = _CURRENCY.sub("", tail.replace("\\$", ""))
+    t = tail.replace("\\$", "")
     if t.count("$$") % 2:
         return True
-    if t.replace("$$", "").count("$") % 2:
-        return True
+    if t.replace("$$", "").count("$") % 2 and not MONEY.search(t):
+        return True  # an odd "$" that no amount of money ("$50.") explains
     if t.count("\\[") > t.count("\\]") or t.count("\\(") > t.count("\\)"):
         return True
     if len(re.findall(r"\\begin\{", t)) > len(re.findall(r"\\end\{", t)):

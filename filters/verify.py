@@ -187,57 +187,18 @@ def _check_expression(pred: str, gold: str, choices: Any, opts: dict) -> tuple[s
     P = _parse(clean_answer(pred))
     if not P:
         return "wrong", f"prediction {pred[:80]!r} does not parse"
-    if _is_eq(G[0]) and _is_eq(P[0]) and not (_membership(G[0]) or _membership(P[0])):
+    if _is_eq(G[0]) and _is_eq(P[0]) and not (eqv.membership(G[0]) or eqv.membership(P[0])):
         return ("correct", "") if _equations_equal(G[0], P[0], opts) else ("wrong", "equations differ")
-    if _is_relation(G[0]) or _is_relation(P[0]):
+    if eqv.is_relation(G[0]) or eqv.is_relation(P[0]):
         # `y \le 2`, `t \in [0,3]` vs `0 \le t \le 3`: the same set of the same variable
         gs, ps = _as_set(G[0]), _as_set(P[0])
         if gs is not None and ps is not None:
             gv, pv = G[0].free_symbols, P[0].free_symbols
             if gv and pv and gv != pv:
                 return "wrong", "relations differ: other variable"
-            return ("correct", "") if _sets_equal(gs, ps, opts) else ("wrong", "relations differ")
+            return ("correct", "") if eqv.sets_equal(gs, ps, lambda a, b: _eq(a, b, opts)) else ("wrong", "relations differ")
     # a list compare first (several parsed readings), then the first readings (rounded decimals)
     return ("correct", "") if _eq(list(G), list(P), opts) or _eq(G[0], P[0], opts) else ("wrong", "")
-
-
-def _membership(x: Any) -> bool:
-    import sympy
-
-    return isinstance(x, sympy.Eq) and isinstance(x.rhs, sympy.Set)
-
-
-def _is_relation(x: Any) -> bool:
-    """An inequality or a membership (`x \in S`), not a plain equation."""
-    import sympy
-
-    if _membership(x):
-        return True
-    rel = (sympy.core.relational.Relational, sympy.And, sympy.Or)
-    return isinstance(x, rel) and not isinstance(x, (sympy.Eq, sympy.Ne))
-
-
-def _sets_equal(G: Any, P: Any, opts: dict) -> bool:
-    """Two sets equal as sets, interval ends compared as numbers (so rounded ends count, 0.67 for 2/3)."""
-    import sympy
-
-    if G == P:
-        return True
-    if isinstance(G, sympy.Interval) and isinstance(P, sympy.Interval):
-        return (G.left_open, G.right_open) == (P.left_open, P.right_open) and all(
-            a == b or (a.is_finite and b.is_finite and _eq(a, b, opts)) for a, b in ((G.start, P.start), (G.end, P.end))
-        )
-    if isinstance(G, sympy.Union) and isinstance(P, sympy.Union) and len(G.args) == len(P.args):
-        return all(_sets_equal(a, b, opts) for a, b in zip(G.args, P.args, strict=True))
-    if isinstance(G, sympy.FiniteSet) and isinstance(P, sympy.FiniteSet) and len(G) == len(P):
-        left = list(P.args)
-        for g in G.args:
-            hit = next((i for i, p in enumerate(left) if _eq(g, p, opts)), None)
-            if hit is None:
-                return False
-            left.pop(hit)
-        return True
-    return False
 
 
 def _as_set(x: Any) -> Any:
@@ -275,7 +236,7 @@ def _check_interval(pred: str, gold: str, choices: Any, opts: dict) -> tuple[str
         return "wrong", f"{type(G).__name__} vs {type(P).__name__}"
     if isinstance(G, sympy.Union) and len(G.args) != len(P.args):
         return "wrong", "different number of pieces"
-    return ("correct", "") if _sets_equal(G, P, opts) else ("wrong", "different set")
+    return ("correct", "") if eqv.sets_equal(G, P, lambda a, b: _eq(a, b, opts)) else ("wrong", "different set")
 
 
 _OPEN_CLOSE = [("\\left\\{", "\\right\\}"), ("\\{", "\\}"), ("\\left(", "\\right)"), ("\\left[", "\\right]"),
