@@ -93,7 +93,7 @@ def section_evaluation(d: RunData, out_dir: Path) -> Section:
         tiny = any(m.config.get("init") == "tiny_random" for m in d.steps("assemble"))
         why = (" The student is the demo's tiny random model, which is not expected to answer correctly: this "
                "shows the evaluation runs end to end, not that training failed." if tiny else "")
-        sec.body += f"<p class='missing'>Every phase scored 0 correct answers, so no accuracy plot.{why}</p>"
+        sec.body += f"<p class='note'>Every phase scored 0 correct answers, so no accuracy plot.{why}</p>"
         return sec
     diff = sorted({c for m in evals for c in m.metrics.get("by_difficulty", {})}, key=lambda c: (len(c), c))
     p = plt()

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from filters.verify import VerifyConfig
 from pipeline.config import StageConfig
+from pipeline.progress import Progress
 from pipeline.ingest import SourceConfig
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 
@@ -191,7 +192,8 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
     errors: Counter = Counter()
     try:
         # Not resumed: a restarted evaluation regenerates every answer (greedy: the same ones).
-        with ShardWriter(ctx.out_dir, PREDICTIONS, "predictions", resume=False) as out:
+        with ShardWriter(ctx.out_dir, PREDICTIONS, "predictions", resume=False) as out, \
+                Progress("evaluate", total=len(problems), unit="answers", logger=log) as progress:
             step = max(cfg.batch_size * 4, 1)
             for s in range(0, len(problems), step):
                 chunk = problems[s : s + step]
@@ -206,7 +208,7 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
                     rows.append(grade(p, res, cfg.verify))
                 out.write(rows)
                 graded += rows
-                log.info("evaluate: %d/%d answered", len(graded) + sum(errors.values()), len(problems))
+                progress.update(len(chunk), extra=f"{sum(r['correct'] for r in graded)} correct")
     finally:
         engine.close()
     failed = [r for r in graded if not r["correct"]]
