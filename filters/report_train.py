@@ -128,7 +128,7 @@ def _acc(cell: dict | None) -> str:
 
 _EXAMPLE_COLS = ["chain_id", "problem_id", "round", "verdict", "keep", "drop_reason", "pred_answer", "quality",
                  "completion_tokens", "finish_reason", "length_ratio", "ngram_repetition", "reflection_density",
-                 "verify_detail", "completion", "reasoning", "response"]
+                 "verify_detail", "pred_source", "trace_format", "completion", "reasoning", "response"]
 
 
 def example_chains(d: RunData) -> tuple[dict | None, list[dict]]:
@@ -185,10 +185,13 @@ def _card(c: dict, problem: dict) -> str:
     pred = c.get("pred_answer")
     answer = (f'extracted answer: <mark class="answer">{html.escape(pred)}</mark>' if pred
               else 'extracted answer: <mark class="reason">none</mark>')
+    if pred and c.get("pred_source"):
+        answer += f" <span class='small'>(from {html.escape(str(c['pred_source']))})</span>"
     if problem.get("answer") is not None:
         answer += f" · gold: <code>{html.escape(str(problem['answer']))}</code>"
     facts = [f"chain {c.get('chain_id')}", f"round {c.get('round')}"]
-    for key, label in (("completion_tokens", "tokens"), ("finish_reason", "finish"), ("quality", "quality"),
+    for key, label in (("trace_format", "format"), ("completion_tokens", "tokens"), ("finish_reason", "finish"),
+                       ("quality", "quality"),
                        ("length_ratio", "length ratio"), ("ngram_repetition", "n-gram repetition"),
                        ("reflection_density", "reflection density")):
         v = c.get(key)

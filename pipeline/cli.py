@@ -172,7 +172,7 @@ def _common(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 _OVERRIDES_HELP = ("dotted overrides of the config, section.key=value (e.g. generate.workers=2 "
-                   "ingest.sources.0.limit=50); values are YAML; may come before or after the options")
+                   "ingest.limit=50); values are YAML; may come before or after the options")
 
 _EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
 
