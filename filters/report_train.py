@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from filters.report_parts import SERIES, Section, missing, plt, save, scan, shortened_html, table, verdict_colour
+from filters.report_parts import (
+    SERIES,
+    Section,
+    missing,
+    plt,
+    save,
+    scan,
+    shortened_html,
+    table,
+    verdict_colour,
+)
 from pipeline.rundir import shard_files
 
 if TYPE_CHECKING:

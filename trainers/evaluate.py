@@ -27,8 +27,8 @@ from pydantic import Field
 
 from filters.verify import VerifyConfig
 from pipeline.config import StageConfig
-from pipeline.progress import Progress
 from pipeline.ingest import SourceConfig
+from pipeline.progress import Progress
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 
 log = logging.getLogger(__name__)
