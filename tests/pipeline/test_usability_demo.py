@@ -38,7 +38,7 @@ def demo(tmp_path_factory):
 
 def test_progress_lines_with_rate_and_eta(demo):
     _, out = demo
-    for stage, unit in (("generate", "samples"), ("filter", "chains"), ("evaluate", "answers")):
+    for stage, unit in (("assess", "problems"), ("generate", "samples"), ("filter", "chains"), ("evaluate", "answers")):
         assert re.search(rf"\| {stage}: \d+/\d+ {unit} \(\d+%\) \| [\d.]+ {unit}/s \| ETA \d+", out) or \
             re.search(rf"\| {stage}: (\d+)/\1 {unit} in [\d.]+s \| [\d.]+ {unit}/s", out), stage
         assert re.search(rf"\| {stage}: (\d+)/\1 {unit} in [\d.]+s \| [\d.]+ {unit}/s", out), stage
