@@ -134,7 +134,7 @@ def section_steps(d: RunData) -> Section:
         dropped = {k: (f"{v} (dropped by filter)" if k in rep else v) for k, v in m.dropped.items()}
         rows.append([m.step, m.stage, m.round, m.rows_in, m.kept, dropped, m.quarantined,
                      "yes" if out == m.rows_in else f"NO ({out})", round(m.wall_s, 2)])
-        for w in getattr(m, "warnings", None) or []:
+        for w in (getattr(m, "warnings", None) or []) + list(m.metrics.get("warnings") or []):
             warned.append(f"<li><b>{html.escape(m.step)}</b>: {html.escape(str(w))}</li>")
     sec.body = (
         "<p>Every step of the run in pipeline order. <b>adds up</b>: the step's rows in equal kept + dropped + "
