@@ -175,3 +175,12 @@ def test_quiet_by_default_and_verbose_keeps_everything(monkeypatch):
     assert plog.quiet_env() == {}
     args = cli.parse_args(["status", "runs/demo", "-v"])
     assert args.verbose is True and cli.parse_args(["-v", "status", "runs/demo"]).verbose is True
+
+
+def test_corrupt_image_message_names_the_row_not_a_buffer():
+    from pipeline.images import ImageError, image_record
+
+    with pytest.raises(ImageError) as e:
+        image_record(b"\x89PNG but not really", "data.jsonl:3 image 0")
+    assert str(e.value).startswith("data.jsonl:3 image 0: not a readable image (")
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)

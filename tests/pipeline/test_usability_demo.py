@@ -51,6 +51,7 @@ def test_quiet_terminal(demo):
     for noise in NOISE:
         assert noise not in out, noise
     assert out.strip().splitlines()[-1].endswith(f"outputs in {run_dir.resolve()}")
+    assert "expected for the demo's tiny random student" in out  # its 0.000 accuracy, explained
 
 
 def test_report_of_the_run_has_every_section_with_data(demo, tmp_path):
