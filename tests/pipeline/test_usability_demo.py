@@ -27,7 +27,7 @@ NOISE = ("Execution plan", "Token authentication", "logging_progress", "Loading 
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("usability")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "R1V_PROGRESS_EVERY": "0"}
-    for k in ("RAY_ADDRESS", "R1V_PROGRESS", "R1V_QUIET", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for k in ("RAY_ADDRESS", "R1V_PROGRESS", "R1V_QUIET", "HF_HUB_DISABLE_PROGRESS_BARS"):
         env.pop(k, None)
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/demo.yaml", f"run.root={root}", *SHORT],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
