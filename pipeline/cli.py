@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         debug = args.debug
-        setup_logging(args.log_level, verbose=args.verbose)
+        setup_logging(args.log_level, verbose=True if args.verbose else None)  # else R1V_QUIET (default 1)
         return args.fn(args)
     except (R1vError, ConfigError) as e:
         if debug:
