@@ -282,7 +282,10 @@ def heuristic_raw(problems: pa.Table, cfg: AssessConfig) -> list[dict]:
                 batch_size=cfg.batch_size,
                 compute=ray.data.TaskPoolStrategy(size=cfg.workers),
             )
-        parts = ray.get(ds.to_arrow_refs())
+        from pipeline.progress import track
+
+        parts = list(track(ds.iter_batches(batch_format="pyarrow", batch_size=None), "assess", total=table.num_rows,
+                           unit="problems", size=lambda b: b.num_rows, logger=log))
     rows = [r for p in parts for r in p.to_pylist()]
     rows.sort(key=lambda r: r["_row"])
     return rows

@@ -300,6 +300,6 @@ def run(cfg: CurateConfig, ctx) -> Manifest:
         "filter_drop_reasons": dict(filter_reasons),
         "samples_per_solved": round(len(rows) / solved, 3) if solved else 0.0,
     }
-    log.info("curate %s: %d chains -> %d SFT samples; %d/%d problems solved, %d to retry",
+    log.info("%s: %d chains -> %d SFT samples; %d/%d problems solved, %d to retry",
              ctx.step, len(chains), len(rows), solved, len(attempted), len(retry))
     return m

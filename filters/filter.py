@@ -322,7 +322,10 @@ def _run_batches(table: pa.Table, cfg: FilterConfig, actor_cls: type = _FilterAc
         batch_format="pyarrow",
         num_cpus=cfg.cpus_per_worker,
     )
-    return list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    from pipeline.progress import track
+
+    return list(track(ds.iter_batches(batch_format="pyarrow", batch_size=None), "filter", total=table.num_rows,
+                      unit="chains", size=lambda b: b.num_rows, logger=log))
 
 
 def run(cfg: FilterConfig, ctx) -> Manifest:

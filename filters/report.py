@@ -134,7 +134,7 @@ def section_steps(d: RunData) -> Section:
         dropped = {k: (f"{v} (dropped by filter)" if k in rep else v) for k, v in m.dropped.items()}
         rows.append([m.step, m.stage, m.round, m.rows_in, m.kept, dropped, m.quarantined,
                      "yes" if out == m.rows_in else f"NO ({out})", round(m.wall_s, 2)])
-        for w in getattr(m, "warnings", None) or []:
+        for w in (getattr(m, "warnings", None) or []) + list(m.metrics.get("warnings") or []):
             warned.append(f"<li><b>{html.escape(m.step)}</b>: {html.escape(str(w))}</li>")
     sec.body = (
         "<p>Every step of the run in pipeline order. <b>adds up</b>: the step's rows in equal kept + dropped + "
@@ -179,7 +179,7 @@ def section_lengths(d: RunData, out_dir: Path) -> Section:
 
 
 def section_correctness(d: RunData, out_dir: Path) -> Section:
-    sec = Section("correctness", "Correctness by difficulty")
+    sec = Section("correctness", "Correctness by difficulty bucket")
     if d.chains is None or "verdict" not in d.chains.columns:
         return missing(sec, "no filter step output with verdicts")
     if d.problems is None or "difficulty" not in d.problems.columns:
@@ -361,7 +361,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     ]
     nav = " · ".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>{s.body}</section>' for s in sections)
-    summary = {"run_dir": str(run_dir), "steps": [m.step for m in d.manifests],
+    summary = {"run_dir": str(run_dir), "steps": len(d.manifests), "step_names": [m.step for m in d.manifests],
                "sections": {s.key: not s.missing for s in sections}, "images": [i for s in sections for i in s.images]}
     summary_json = json.dumps(summary).replace("</", "<\\/")  # inert inside <script>
     legend = "".join(f'<span class="badge" style="background:{c}">{v}</span>' for v, c in VERDICT_COLOURS.items())

@@ -38,7 +38,7 @@ section{border-top:1px solid #ddd;margin-top:1.5em}
 .card pre{white-space:pre-wrap;word-break:break-word;background:#f8f8f8;padding:6px;font-size:12px}
 mark.reason{background:#fdd;color:#900;font-weight:bold;padding:0 3px}
 mark.answer{background:#ffe9a8;font-weight:bold;padding:0 3px}.cut{color:#999}
-ul.warn{color:#a60}"""
+ul.warn{color:#a60}.note{color:#555;font-style:italic}"""
 
 
 @dataclass

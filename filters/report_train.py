@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from filters.report_parts import SERIES, Section, missing, plt, save, scan, shortened_html, table, verdict_colour
+from filters.report_parts import (
+    SERIES,
+    Section,
+    missing,
+    plt,
+    save,
+    scan,
+    shortened_html,
+    table,
+    verdict_colour,
+)
 from pipeline.rundir import shard_files
 
 if TYPE_CHECKING:
@@ -93,7 +103,7 @@ def section_evaluation(d: RunData, out_dir: Path) -> Section:
         tiny = any(m.config.get("init") == "tiny_random" for m in d.steps("assemble"))
         why = (" The student is the demo's tiny random model, which is not expected to answer correctly: this "
                "shows the evaluation runs end to end, not that training failed." if tiny else "")
-        sec.body += f"<p class='missing'>Every phase scored 0 correct answers, so no accuracy plot.{why}</p>"
+        sec.body += f"<p class='note'>Every phase scored 0 correct answers, so no accuracy plot.{why}</p>"
         return sec
     diff = sorted({c for m in evals for c in m.metrics.get("by_difficulty", {})}, key=lambda c: (len(c), c))
     p = plt()
@@ -128,7 +138,7 @@ def _acc(cell: dict | None) -> str:
 
 _EXAMPLE_COLS = ["chain_id", "problem_id", "round", "verdict", "keep", "drop_reason", "pred_answer", "quality",
                  "completion_tokens", "finish_reason", "length_ratio", "ngram_repetition", "reflection_density",
-                 "verify_detail", "completion", "reasoning", "response"]
+                 "verify_detail", "pred_source", "trace_format", "completion", "reasoning", "response"]
 
 
 def example_chains(d: RunData) -> tuple[dict | None, list[dict]]:
@@ -185,10 +195,13 @@ def _card(c: dict, problem: dict) -> str:
     pred = c.get("pred_answer")
     answer = (f'extracted answer: <mark class="answer">{html.escape(pred)}</mark>' if pred
               else 'extracted answer: <mark class="reason">none</mark>')
+    if pred and c.get("pred_source"):
+        answer += f" <span class='small'>(from {html.escape(str(c['pred_source']))})</span>"
     if problem.get("answer") is not None:
         answer += f" · gold: <code>{html.escape(str(problem['answer']))}</code>"
     facts = [f"chain {c.get('chain_id')}", f"round {c.get('round')}"]
-    for key, label in (("completion_tokens", "tokens"), ("finish_reason", "finish"), ("quality", "quality"),
+    for key, label in (("trace_format", "format"), ("completion_tokens", "tokens"), ("finish_reason", "finish"),
+                       ("quality", "quality"),
                        ("length_ratio", "length ratio"), ("ngram_repetition", "n-gram repetition"),
                        ("reflection_density", "reflection density")):
         v = c.get(key)

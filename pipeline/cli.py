@@ -182,7 +182,7 @@ def _common(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 _OVERRIDES_HELP = ("dotted overrides of the config, section.key=value (e.g. generate.workers=2 "
-                   "ingest.sources.0.limit=50); values are YAML; may come before or after the options")
+                   "ingest.limit=50); values are YAML; may come before or after the options")
 
 _EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         debug = args.debug
-        setup_logging(args.log_level, verbose=args.verbose)
+        setup_logging(args.log_level, verbose=True if args.verbose else None)  # else R1V_QUIET (default 1)
         return args.fn(args)
     except (R1vError, ConfigError) as e:
         if debug:

@@ -5,7 +5,8 @@ Exit codes of `r1v`:
     0    success
     1    config or input problem: invalid config or override, missing file or run directory, bad --where
     2    usage: the command line itself (unknown command or option, unknown step or stage name)
-    3    a step cannot run yet: an upstream step is missing or stale (the message names the command to run)
+    3    the run's state does not allow it: an upstream step is missing or stale (the message names the
+         command to run first), or another driver is running the same run directory
     4    a stage failed with an unexpected error (the one-line summary; `--debug` prints the traceback)
     5    the run directory is held by another live driver (the message names its pid, host and command)
     130  interrupted (Ctrl-C / SIGINT): finished steps are kept; the same command resumes
@@ -30,7 +31,8 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INPUT: "config or input problem (invalid config or override, missing file or run directory)",
     EXIT_USAGE: "usage: unknown command, option, step or stage name",
-    EXIT_STATE: "an upstream step is missing or stale: run it first (the message names the command)",
+    EXIT_STATE: "run state: an upstream step is missing or stale (the message names the command to run "
+                "first), or another driver holds the run",
     EXIT_FAILED: "a stage failed with an unexpected error (--debug prints the traceback)",
     EXIT_LOCKED: "the run directory is held by another live driver (named in the message)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); finished steps are kept, the same command resumes",
@@ -60,10 +62,14 @@ class UnknownStepError(UsageError, ValueError):
                          f"valid: {', '.join(self.known) or 'none'}")
 
 
-class StaleUpstreamError(R1vError, RuntimeError):
-    """A step whose input step is missing or stale."""
+class RunStateError(R1vError, RuntimeError):
+    """The run directory's state forbids the command (raise a subclass: stale upstream, run locked)."""
 
     exit_code = EXIT_STATE
+
+
+class StaleUpstreamError(RunStateError):
+    """A step whose input step is missing or stale."""
 
 
 def nearest(word: str, choices: Iterable[str]) -> str | None:

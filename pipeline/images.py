@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -47,7 +48,9 @@ def image_record(data: bytes, where: str = "", check: str = "structure") -> dict
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"{where}: not a readable image ({e})") from e
+        # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`): say what it is instead
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip() or type(e).__name__
+        raise ImageError(f"{where}: not a readable image ({detail})") from e
     if width <= 0 or height <= 0:
         raise ImageError(f"{where}: image has no pixels ({width}x{height})")
     return {"bytes": data, "format": fmt or "unknown", "width": width, "height": height}

@@ -34,6 +34,7 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from pipeline.images import ImageError, image_record
 from pipeline.paths import file_stat, source_files
+from pipeline.progress import track
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 from pipeline.schema import PROBLEMS, QUARANTINE
 
@@ -502,7 +503,8 @@ def run(cfg: IngestConfig, ctx) -> Manifest:
                                resume=ctx.resume, row_group_bytes=ROW_GROUP_BYTES)
     batch: list[dict] = []
     with problems_out as out, ctx.writer(QUARANTINE, "quarantine", sub="quarantine") as quar:
-        for kind, row in load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads, cfg.image_check):
+        rows = load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads, cfg.image_check)
+        for kind, row in track(rows, "ingest", total=None, unit="rows", logger=log):
             m.rows_in += 1
             stats = per_source.setdefault(row["source"], {"rows": 0, "kept": 0})
             stats["rows"] += 1

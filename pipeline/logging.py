@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s | %(message)s"
 
 # Environment read by libraries at import (here and in Ray workers, which inherit it or get it through
-# the runtime env): no tqdm bars from transformers / hub downloads / DeepSpeed, no Ray usage-stats notice.
+# the runtime env): no tqdm bars from transformers ("Loading weights", "Writing model shards") or hub
+# downloads (transformers follows huggingface_hub's switch), no Ray usage-stats notice. tqdm itself stays
+# on (TQDM_DISABLE would also silence our own bar, pipeline.progress).
 QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TQDM_DISABLE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "R1V_QUIET": "1",
 }
@@ -81,8 +81,9 @@ def quiet_ray() -> None:
 
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
-        # a live bar in a terminal; off otherwise (its non-terminal form is a multi-line dump per tick)
-        ctx.enable_progress_bars = os.environ.get("R1V_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
+        # Ray Data's own bars: off (a second bar beside ours on a terminal, a multi-line dump per tick
+        # elsewhere); pipeline.progress reports the long loops. `-v` keeps them.
+        ctx.enable_progress_bars = False
     except ImportError:
         return
     for h in logging.getLogger("ray.data").handlers:

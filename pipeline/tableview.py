@@ -230,7 +230,7 @@ def inspect_step(run_dir: Path, step: str, table: str | None = None, columns: st
             r = {**r, "gold_answer": _gold(run_dir, r["problem_id"])}
         if columns:
             r = {k: r[k] for k in [c.strip() for c in columns.split(",")]}
-        note = f" (first of several rows with this id; --where narrows)" if hit.height > 1 else ""
+        note = " (first of several rows with this id; --where narrows)" if hit.height > 1 else ""
         print(f"row {row}{note}:")
         print_row(r, full, width)
         return

@@ -36,6 +36,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import StageConfig
+from pipeline.progress import Progress
 from pipeline.rundir import Manifest, read_table, shard_files, stable_hash
 from pipeline.schema import CHAINS, SAMPLING, conform, extend
 from teachers.cache import GenerationCache, cache_key
@@ -438,16 +439,17 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
         # A worker holds `calls` batches at a time, so fewer requests than the concurrency cap it.
         log.warning("generate: batch_size %d x concurrent_batches %d < engine.max_concurrency %d: at most %d "
                     "requests in flight per worker", cfg.batch_size, calls, conc, cfg.batch_size * calls)
-    log.info("generate: %d samples expected, %d resumed, %d to do with %s (%s)",
-             expected, len(done), n_todo, cfg.engine.kind, cfg.engine.teacher_name())
+    log.info("generate: %d samples expected, %d resumed from written shards, %d to do with %s (%s)%s",
+             expected, len(done), n_todo, cfg.engine.kind, cfg.engine.teacher_name(),
+             "; samples already in the generation cache are read back, not generated" if cfg.cache else "")
     t0 = acct.t0 = time.perf_counter()
     cache = GenerationCache(_cache_dir(cfg, ctx)) if cfg.cache else None
-    for batch, from_engine in generate_rows(todo, cfg, cache):
-        acct.add(batch, from_engine)
-        writer.write(_strip(batch))
-        if from_engine:
-            log.info("generate: %d/%d generated | %d completion tokens", acct.engine_requests,
-                     n_todo - acct.cache_hits, acct.engine_completion_tokens)
+    with Progress("generate", total=n_todo, unit="samples", logger=log) as progress:
+        for batch, from_engine in generate_rows(todo, cfg, cache):
+            acct.add(batch, from_engine)
+            writer.write(_strip(batch))
+            progress.update(len(batch), extra=f"{acct.cache_hits} from cache | "
+                                              f"{acct.engine_completion_tokens} completion tokens")
     acct.engine_s = time.perf_counter() - t0
     writer.close()
     _finish(m, ctx, acct, expected, len(done))

@@ -28,6 +28,7 @@ from pydantic import Field
 from filters.verify import VerifyConfig
 from pipeline.config import StageConfig
 from pipeline.ingest import SourceConfig
+from pipeline.progress import Progress
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
     errors: Counter = Counter()
     try:
         # Not resumed: a restarted evaluation regenerates every answer (greedy: the same ones).
-        with ShardWriter(ctx.out_dir, PREDICTIONS, "predictions", resume=False) as out:
+        with ShardWriter(ctx.out_dir, PREDICTIONS, "predictions", resume=False) as out, \
+                Progress("evaluate", total=len(problems), unit="answers", logger=log) as progress:
             step = max(cfg.batch_size * 4, 1)
             for s in range(0, len(problems), step):
                 chunk = problems[s : s + step]
@@ -206,7 +208,7 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
                     rows.append(grade(p, res, cfg.verify))
                 out.write(rows)
                 graded += rows
-                log.info("evaluate: %d/%d answered", len(graded) + sum(errors.values()), len(problems))
+                progress.update(len(chunk), extra=f"{sum(r['correct'] for r in graded)} correct")
     finally:
         engine.close()
     failed = [r for r in graded if not r["correct"]]
@@ -228,4 +230,8 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
         }
     )
     log.info("evaluate: accuracy %.3f on %d problems (%s)", m.metrics["accuracy"], len(graded), model_dir)
+    assemble = getattr(ctx.run_config, "assemble", None)
+    if graded and m.metrics["accuracy"] == 0 and getattr(assemble, "init", None) == "tiny_random":
+        log.info("evaluate: expected for the demo's tiny random student (it is not trained to solve anything); "
+                 "the figure shows the evaluation runs end to end")
     return m

@@ -92,6 +92,8 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    for k, v in config.get("env", {}).items():  # the driver's quiet settings (no per-rank progress bars)
+        os.environ.setdefault(k, v)
     train_worker(config["spec"])
 
 
@@ -149,6 +151,7 @@ def _launch_ray(spec: WorkerSpec, nproc: int, use_gpu: bool | None) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.logging import quiet_env
     from pipeline.ray_utils import init_ray
 
     init_ray()
@@ -156,7 +159,7 @@ def _launch_ray(spec: WorkerSpec, nproc: int, use_gpu: bool | None) -> None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= nproc
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"spec": spec.model_dump()},
+        train_loop_config={"spec": spec.model_dump(), "env": quiet_env()},
         scaling_config=ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray_train", storage_path=str(Path(spec.out_dir).resolve() / "ray")),

@@ -91,6 +91,7 @@ def _full_run(tmp_path, with_assess: bool = True):
     fm = Manifest.load(run / "filter")
     fm.kept = sum(c["keep"] for c in chains)
     fm.dropped = dict(Counter(c["drop_reason"] for c in chains if not c["keep"]))
+    fm.metrics["warnings"] = ["4 of 12 chains have no final answer"]
     fm.write(run / "filter")
     up = "assess" if with_assess else "decontaminate"
     run_stage(curate, CurateConfig(n_per_problem=1), run, "curate", {"chains": ["filter"], "problems": [up]})
@@ -152,6 +153,7 @@ def test_drops_counted_once_and_adds_up_explained(tmp_path):
     assert "counted once, under filter" in drops
     assert "adds up</b>: the step's rows in equal kept + dropped + quarantined" in _section(page, "steps")
     assert "filtered_out: 8 (dropped by filter)" in _section(page, "steps")
+    assert "<li><b>filter</b>: 4 of 12 chains have no final answer</li>" in _section(page, "steps")
 
 
 def test_no_penalty_plot_without_assess(tmp_path):

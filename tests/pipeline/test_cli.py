@@ -150,3 +150,37 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted: finished steps are kept; run the same command again to resume"
     assert (tmp_path / "demo" / "ingest" / MANIFEST).exists() and not (step / MANIFEST).exists()
+
+
+def test_quiet_by_default_and_verbose_keeps_everything(monkeypatch):
+    import logging
+
+    import ray  # noqa: F401 - configures the "ray" logger and its console handler
+
+    from pipeline import logging as plog
+
+    monkeypatch.setenv("R1V_QUIET", "1")
+    assert plog.quiet_env()["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    plog.quiet_ray()
+    [handler] = [h for h in logging.getLogger("ray").handlers if isinstance(h, logging.StreamHandler)][:1]
+
+    def passes(msg: str, level: int = logging.INFO) -> bool:
+        rec = logging.LogRecord("ray._private.worker", level, __file__, 1, msg, None, None)
+        return all(f.filter(rec) for f in handler.filters)
+
+    assert not passes("Started a local Ray instance.")
+    assert not passes("Token authentication is enabled for this Ray cluster.", logging.WARNING)
+    assert passes("Worker crashed: out of memory", logging.WARNING)  # real warnings still show
+    monkeypatch.setenv("R1V_QUIET", "0")  # r1v -v
+    assert plog.quiet_env() == {}
+    args = cli.parse_args(["status", "runs/demo", "-v"])
+    assert args.verbose is True and cli.parse_args(["-v", "status", "runs/demo"]).verbose is True
+
+
+def test_corrupt_image_message_names_the_row_not_a_buffer():
+    from pipeline.images import ImageError, image_record
+
+    with pytest.raises(ImageError) as e:
+        image_record(b"\x89PNG but not really", "data.jsonl:3 image 0")
+    assert str(e.value).startswith("data.jsonl:3 image 0: not a readable image (")
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
