@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.progress import Progress
@@ -115,6 +115,14 @@ class GenerateConfig(StageConfig):
     cache: bool = Field(True, description="use the per-sample generation cache")
     cache_dir: str | None = Field(None, description="cache directory (default: <run.root>/.cache/generations)")
     limit: int | None = Field(None, ge=1, description="generate for the first N problems only")
+
+    @model_validator(mode="after")
+    def _vllm_gpus(self) -> GenerateConfig:
+        if self.engine.kind == "vllm":  # ray.data.llm places tp x pp ranks of one GPU each
+            from teachers.engines.vllm import check_gpus
+
+            check_gpus(self.engine, self.gpus_per_worker)
+        return self
 
 
 # ---------------------------------------------------------------- requests

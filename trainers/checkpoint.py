@@ -108,6 +108,9 @@ def export_model(engine: Any, model: Any, out: Path, rank: int, zero_stage: int,
             if cfg is not None and hasattr(cfg, "use_cache"):
                 cfg.use_cache = True
             target.save_pretrained(out, state_dict=sd)
+            from trainers.model import standard_weight_names
+
+            standard_weight_names(out)  # the layout vLLM loads
             if processor is not None:
                 processor.save_pretrained(out)
     dist.barrier()

@@ -4,8 +4,8 @@
 
 Prompts are rendered exactly like the training data (filters.curate: the same system prompt file and
 user turn: one `<image>` per image, then the question and choices), sent through a teacher engine
-(`hf` on CPU or one GPU; `vllm` on GPUs, the exported student is a standard LLaVA/InternVL checkpoint
-vLLM serves) and checked with filters.verify.verify_response (math-verify with hard deadlines).
+(`hf` on CPU or one GPU; `vllm`: a ray.data.llm processor fanned out over Ray's GPU workers, the exported
+student is a standard LLaVA/InternVL checkpoint vLLM serves) and checked with filters.verify.verify_response (math-verify with hard deadlines).
 
 Outputs: `predictions` (main table, one row per problem answered), `failed/` (problem ids answered
 wrongly, with the verdict: the next iterative SFT round adds their curated chains). Manifest:
@@ -75,6 +75,12 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="prompts per generate call (hf)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more vllm engine settings (teachers.engines.VLLMEngineConfig: replicas, tensor_parallel_size, "
+        "gpu_memory_utilization, max_model_len, ...); the answers come from a ray.data.llm processor on Ray's "
+        "GPU workers, one run over the whole eval set",
+    )
     system_prompt_file: str = Field("sft_system.txt", description="system prompt: a path, or a name in "
                                     "filters/prompts/ (the curate stage's default)")
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
@@ -169,10 +175,10 @@ def _engine(cfg: EvaluateConfig, model_dir: Path) -> Any:
             model=str(model_dir), multimodal=True, batch_size=cfg.batch_size, dtype=cfg.dtype, teacher="student"
         )
     else:
-        ecfg = VLLMEngineConfig(
-            model=str(model_dir), multimodal=True, teacher="student", max_model_len=None,
-            dtype="auto" if cfg.dtype == "auto" else cfg.dtype, engine_kwargs=cfg.engine_kwargs,
-        )
+        ecfg = VLLMEngineConfig(**{
+            "max_model_len": None, **cfg.vllm, "model": str(model_dir), "multimodal": True, "teacher": "student",
+            "dtype": "auto" if cfg.dtype == "auto" else cfg.dtype, "engine_kwargs": cfg.engine_kwargs,
+        })
     return make_engine(ecfg)
 
 
@@ -194,7 +200,8 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
         # Not resumed: a restarted evaluation regenerates every answer (greedy: the same ones).
         with ShardWriter(ctx.out_dir, PREDICTIONS, "predictions", resume=False) as out, \
                 Progress("evaluate", total=len(problems), unit="answers", logger=log) as progress:
-            step = max(cfg.batch_size * 4, 1)
+            # vllm: one processor run over the whole set (each generate() call starts the engine replicas)
+            step = len(problems) if cfg.engine == "vllm" else max(cfg.batch_size * 4, 1)
             for s in range(0, len(problems), step):
                 chunk = problems[s : s + step]
                 reqs = [GenRequest(messages=messages(p, system), sampling=dict(sampling), problem=p,

@@ -270,9 +270,53 @@ def _combine(config, vision, language_model, lm_head, projector_state, seed: int
     return model.to(dtype)
 
 
+# Vision towers that transformers 5 builds without their `vision_model` wrapper module, and so saves as
+# `vision_tower.embeddings...`, where every published LLaVA checkpoint (and vLLM's loader, which fails
+# with "no module or parameter named 'vision_tower.embeddings'") has `vision_tower.vision_model....`.
+_WRAPPED_TOWERS = ("siglip_vision_model", "clip_vision_model")
+_TOWER = "vision_tower."
+
+
+def standard_weight_names(out_dir: str | Path) -> int:
+    """Rewrite a saved LLaVA student's vision-tower weight names to the published layout; returns the
+    number renamed. transformers loads both layouts into the same weights; vLLM only the published one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    if cfg.get("model_type") != "llava" or (cfg.get("vision_config") or {}).get("model_type") not in _WRAPPED_TOWERS:
+        return 0
+    renamed = 0
+    mapping: dict[str, str] = {}
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            meta = f.metadata()
+            keys = list(f.keys())
+            if not any(k.startswith(_TOWER) and not k.startswith(_TOWER + "vision_model.") for k in keys):
+                continue
+            tensors = {}
+            for k in keys:
+                new = _TOWER + "vision_model." + k[len(_TOWER):] if (
+                    k.startswith(_TOWER) and not k.startswith(_TOWER + "vision_model.")) else k
+                tensors[new] = f.get_tensor(k)
+                mapping[k] = new
+                renamed += new != k
+        tmp = shard.with_name(shard.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(shard)
+    index = out_dir / "model.safetensors.index.json"
+    if renamed and index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {mapping.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return renamed
+
+
 def _save(model, processor, out_dir: Path, record: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
+    standard_weight_names(out_dir)
     processor.save_pretrained(str(out_dir))
     (out_dir / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     return out_dir

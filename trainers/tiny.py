@@ -97,8 +97,12 @@ def build_tiny_llm(
     hidden_size: int = TINY_HIDDEN,
     vocab_rows: int = TINY_VOCAB_ROWS,
     corpus_salt: int = 0,
+    num_heads: int = 4,
 ) -> Path:
-    """A tiny random causal LM (`qwen2` or `llama`) plus its trained tokenizer, saved to `out_dir`."""
+    """A tiny random causal LM (`qwen2` or `llama`) plus its trained tokenizer, saved to `out_dir`.
+
+    vLLM's CPU attention needs a head size of 64: `hidden_size=128, num_heads=2` builds such a model.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -111,8 +115,8 @@ def build_tiny_llm(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=min(2, num_heads),
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         bos_token_id=None,
@@ -166,7 +170,8 @@ def build_tiny_internvit(out_dir: str | Path, seed: int = 0) -> Path:
     return _tiny_vision(out_dir, InternVLVisionConfig, InternVLVisionModel, processor, seed)
 
 
-def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, internvit: bool = False) -> dict[str, Path]:
+def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, internvit: bool = False,
+                           llm_hidden: int = TINY_HIDDEN, llm_heads: int = 4) -> dict[str, Path]:
     """Build the tiny encoder(s) and LLM under `out_dir`; returns {"vision", "llm"[, "internvit"]} paths.
 
     For offline demos and tests only: the weights are random.
@@ -174,7 +179,7 @@ def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, internvit: bool =
     out = Path(out_dir)
     paths = {
         "vision": build_tiny_siglip(out / "vision", seed),
-        "llm": build_tiny_llm(out / "llm", seed),
+        "llm": build_tiny_llm(out / "llm", seed, hidden_size=llm_hidden, num_heads=llm_heads),
     }
     if internvit:
         paths["internvit"] = build_tiny_internvit(out / "internvit", seed)

@@ -117,6 +117,20 @@ class VLLMEngineConfig(EngineBase):
     multimodal: bool = Field(False, description="send images as multi_modal_data")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM / engine arguments")
     max_concurrent_batches: int = Field(8, ge=1, description="batches in flight per replica (ray.data.llm)")
+    in_process: bool = Field(
+        False,
+        description="run vllm.LLM in this process (needs a GPU here); default: a ray.data.llm processor on "
+        "Ray's GPU workers, one run per generate() call (the driver of `ray job submit` is often GPU-less)",
+    )
+    replicas: int = Field(
+        1, ge=1, description="engine replicas for callers outside the generate stage (judge, evaluate); "
+        "the generate stage uses its own `workers`"
+    )
+    batch_size: int = Field(16, ge=1, description="rows per ray.data.llm batch for those callers")
+    stage_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per actor of the processor's CPU stages (image preparation, "
+        "chat template, tokenize, detokenize: each holds its share while the processor runs)"
+    )
 
     def cache_identity(self) -> dict[str, Any]:
         # quantization, context length and image handling in engine_kwargs change the text generated

@@ -90,8 +90,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_chat_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A small Qwen2 (default: 2 layers, hidden 64) with a BPE tokenizer trained here, saved with save_pretrained."""
+def build_tiny_chat_model(directory: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                          chat_template: str = CHAT_TEMPLATE) -> Path:
+    """A small Qwen2 (default: 2 layers, hidden 64) with a BPE tokenizer trained here, saved with save_pretrained.
+
+    vLLM's CPU attention needs heads of 64: `hidden=128, heads=2`.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -106,10 +110,10 @@ def build_tiny_chat_model(directory: Path, seed: int = 0, hidden: int = 64, laye
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens(["<think>", "</think>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+                                   eos_token="<|im_end|>", chat_template=chat_template)
     fast.save_pretrained(directory)
     cfg = Qwen2Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      num_attention_heads=heads, num_key_value_heads=min(2, heads), max_position_embeddings=2048,
                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None,
                       tie_word_embeddings=True)
     torch.manual_seed(seed)

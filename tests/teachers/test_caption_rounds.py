@@ -100,7 +100,8 @@ def test_vllm_processor_plumbing_without_vllm():
     req = expand(work)[1]
     assert req["sample_idx"] == 1 and req["messages"] == work["messages"]
     row = preprocess(req)
-    assert row["sampling_params"]["seed"] == req["seed"] and row["messages"][0]["content"][0]["type"] == "text"
+    # plain-string content stays a string: R1's template concatenates it
+    assert row["sampling_params"]["seed"] == req["seed"] and isinstance(row["messages"][0]["content"], str)
     out = postprocess({**row, "generated_text": "a b</think>The answer is 3", "num_generated_tokens": 4096,
                        "num_input_tokens": 50, "time_taken_llm": 1.5, "__inference_error__": ""},
                       think_start="<think>", think_end="</think>")
