@@ -8,7 +8,6 @@ Exit codes of `r1v`:
     3    the run's state does not allow it: an upstream step is missing or stale (the message names the
          command to run first), or another driver is running the same run directory
     4    a stage failed with an unexpected error (the one-line summary; `--debug` prints the traceback)
-    5    the run directory is held by another live driver (the message names its pid, host and command)
     130  interrupted (Ctrl-C / SIGINT): finished steps are kept; the same command resumes
 
 Any module may raise these; `pipeline.cli` catches `R1vError` and exits with its `exit_code`.
@@ -24,7 +23,6 @@ EXIT_INPUT = 1
 EXIT_USAGE = 2
 EXIT_STATE = 3
 EXIT_FAILED = 4
-EXIT_LOCKED = 5
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -34,7 +32,6 @@ EXIT_CODES = {
     EXIT_STATE: "run state: an upstream step is missing or stale (the message names the command to run "
                 "first), or another driver holds the run",
     EXIT_FAILED: "a stage failed with an unexpected error (--debug prints the traceback)",
-    EXIT_LOCKED: "the run directory is held by another live driver (named in the message)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); finished steps are kept, the same command resumes",
 }
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import EXIT_LOCKED, R1vError
+from pipeline.errors import RunStateError
 
 LOCK_FILE = ".lock"
 
@@ -42,10 +42,8 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
-class RunLockedError(R1vError, RuntimeError):
-    """Another live process holds the run directory."""
-
-    exit_code = EXIT_LOCKED
+class RunLockedError(RunStateError):
+    """Another live process holds the run directory (exit code 3, as for any run-state refusal)."""
 
     def __init__(self, run_dir: Path, holder: dict[str, Any]) -> None:
         self.run_dir, self.holder = run_dir, holder

@@ -118,7 +118,7 @@ def test_second_driver_is_refused_naming_the_holder_and_a_dead_holder_frees_the_
         msg = str(e.value)
         assert f"pid {holder.pid}" in msg and "(holder)" in msg and str(run_dir) in msg
         assert is_locked(run_dir)["pid"] == holder.pid
-        assert main(["run", str(p)]) == 5
+        assert main(["run", str(p)]) == 3
         err = capsys.readouterr().err
         assert f"pid {holder.pid}" in err
         print("REFUSAL:", err.strip(), file=sys.__stderr__)
