@@ -5,15 +5,26 @@
                     "answer_type": "number"}).verdict        # -> "correct"
 
 Verdicts, kept apart on purpose (an unverifiable gold is not a wrong chain):
-`correct`, `wrong`, `no_answer` (nothing extractable), `gold_unparsable`, `timeout` (the hard deadline
-hit, or the check's worker died: memory limit, crash; `detail` says which), `truncated` (finish_reason "length" or an unclosed think / solution span; see filters/extract.py).
+`correct`, `wrong`, `no_answer` (nothing extractable), `gold_unparsable` (the gold does not parse, or was
+damaged in its source: filters/equivalence.py), `timeout` (the hard deadline hit, or the check's worker
+died: memory limit, crash; `detail` says which), `truncated` (evidence that the chain was cut off:
+filters/formats.py, filters/extract.py).
 
-The check is picked from `VERIFIERS`, an explicit dict keyed on the problem's `answer_type`. Each wraps
-math-verify 0.9 (`parse` / `verify(gold, target)`, gold first) and fixes what it gets wrong by default:
+`check_answer` decides in this order: identical answers (after spelling normalisation) are equal; clock
+times compare as times; a damaged gold is `gold_unparsable`; an assignment prefix only one side carries is
+dropped; lists of ordered tuples compare as multisets of tuples ("(a,b) or (b,a)" included); then the
+type-aware check picked from `VERIFIERS`, an explicit dict keyed on the problem's `answer_type`; and
+where that finds no definite difference, bare math-verify on the two `$…$`-wrapped answers as a second
+route, so a verdict is never below math-verify's own. The type-aware checks wrap math-verify 0.9
+(`parse` / `verify(gold, target)`, gold first) and fix what it gets wrong by default:
 currency (`\\$10` does not parse), percentages (`6.17\\%` vs `6.17`), bare letter golds (need string
 extraction), ordered tuples (a bare `1, 2, 3` parses to a *set*), relations vs intervals (`x>2` vs
-`(2,\\infty)`), intervals vs sets (`(1,2)` equals `\\{1,2\\}` to math-verify), and equations (compared
-as whole equations, not by right-hand side). The checks run inside a `filters.deadline.DeadlinePool`
+`(2,\\infty)`), intervals vs sets (`(1,2)` equals `\\{1,2\\}` to math-verify), equations (compared
+as whole equations, not by right-hand side), thousands separators and decimal commas, units, and rounded
+decimals (`0.67` for `2/3`, also inside tuples, matrices and interval ends). A definite difference
+(order, element count, interval kind, matrix shape, another option) is never overturned by the second
+route: math-verify's known false "equal"s (subsets, permutations) stay wrong.
+The checks run inside a `filters.deadline.DeadlinePool`
 worker process, so math-verify's own signal timeouts are switched off and the pool enforces a hard
 deadline instead; `verify_response` uses one process-wide pool, the filter stage one pool per actor.
 """
