@@ -31,7 +31,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from teachers.engines import GenRequest, GenResult, VLLMEngineConfig, error_result, sampling_value, split_think
+from teachers.engines import (
+    GenRequest,
+    GenResult,
+    VLLMEngineConfig,
+    error_result,
+    sampling_value,
+    split_think,
+)
 
 log = logging.getLogger(__name__)
 

@@ -52,12 +52,12 @@ def eval_problems():
 def exported(tiny_student, eval_problems, tmp_path_factory) -> Path:
     """The student after a few steps on boxed answers for problems 0-3, exported by the training loop."""
     from filters.curate import assistant_turn, system_prompt, user_turn
+    from pipeline.rundir import ShardWriter
+    from pipeline.schema import SFT
     from trainers.assemble import find_checkpoint
     from trainers.data import make_sft_data
     from trainers.loop import LoopConfig, LoopData, train_loop
     from trainers.model import apply_freeze
-    from pipeline.rundir import ShardWriter
-    from pipeline.schema import SFT
 
     sys_prompt = system_prompt()
     rows = []
