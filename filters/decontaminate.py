@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TABLES = ("problems", "decontam_matches")
 ROWS_FROM = "problems"
+LOGIC_VERSION = 2  # 2: figures matched by perceptual hash
 
 MATCHES = pa.schema(
     [
