@@ -280,6 +280,26 @@ def _display(text: str, offset: int) -> Extraction | None:
     return Extraction(clean_answer(body), "display_formula", offset + m.end()) if body else None
 
 
+_ALT_GAP = re.compile(r"\s*(?:,\s*)?(?:\b(?:or|and)\b)?\s*", re.I)
+_ASSIGN = re.compile(r"^\s*([a-zA-Z](?:_\{?\w+\}?)?)\s*=\s*(.+)$", re.S)
+
+
+def _alternatives(sentence: str, last: re.Match) -> str | None:
+    """"$x = 2$ or $x = -3$" (several solutions of one variable, one sentence) -> "2, -3"; else None."""
+    group = [last]
+    for m in reversed(list(_INLINE_MATH.finditer(sentence, 0, last.start()))):
+        if not _ALT_GAP.fullmatch(sentence[m.end() : group[0].start()]) or not sentence[m.end() : group[0].start()].strip():
+            break
+        group.insert(0, m)
+    if len(group) < 2:
+        return None
+    bodies = [(m.group(1) or m.group(2) or "").strip() for m in group]
+    assigned = [_ASSIGN.match(b) for b in bodies]
+    if not all(assigned) or len({a.group(1) for a in assigned}) != 1:
+        return None  # "$a = 1$ and $b = 2$" are two unknowns, not alternatives: leave it to the other rules
+    return ", ".join(clean_answer(a.group(2)) for a in assigned)
+
+
 def _last_sentence(text: str, offset: int) -> Extraction | None:
     t = text.rstrip()
     if ends_cut(t):
@@ -294,6 +314,9 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     if math and not sentence[math.end() :].strip(" .!,;*"):
         body = (math.group(1) or math.group(2) or "").strip()
         prose = sentence[: math.start()]
+        several = _alternatives(sentence, math)
+        if several:
+            return Extraction(several, "last_sentence", offset + len(t))
         if _RELATION.search(body) or re.search(r"(?:\s(?:is|are|was|were|equals|be)|=|\\approx)\s*$", prose):
             return Extraction(clean_answer(body), "last_sentence", offset + len(t)) if body else None
         return None

@@ -84,3 +84,18 @@ def test_split_sky_t1_format():
     # a solution block without its end marker is open; only a cut text makes it truncated
     s = split_chain("<|begin_of_thought|> t <|end_of_thought|><|begin_of_solution|> half a solution")
     assert (s.closed, s.solution_open, s.response) == (True, True, "half a solution")
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("So the solutions are $x = 2$ or $x = -3$.", "2, -3"),
+        ("Thus $x=1$, $x=2$, and $x=5$.", "1, 2, 5"),
+        ("Hence \\(t = 0\\) or \\(t = 4\\).", "0, 4"),
+        # two unknowns are no alternatives: the last assignment stands, as a plain last-sentence answer
+        ("Thus $a = 1$ and $b = 2$.", "b = 2"),
+        ("Then $x = 2$.", "x = 2"),
+    ],
+)
+def test_last_sentence_alternatives_of_one_variable_are_one_answer(response, expected):
+    assert extract_answer(response) == expected
