@@ -43,7 +43,6 @@ def test_progress_lines_with_rate_and_eta(demo):
             re.search(rf"\| {stage}: (\d+)/\1 {unit} in [\d.]+s \| [\d.]+ {unit}/s", out), stage
         assert re.search(rf"\| {stage}: (\d+)/\1 {unit} in [\d.]+s \| [\d.]+ {unit}/s", out), stage
     assert re.search(r"\| ingest: \d+ rows \| [\d.]+ rows/s", out)
-    assert re.search(r"\| filter: \d+/160 chains \(\d+%\) \| [\d.]+ chains/s \| ETA", out)
 
 
 def test_quiet_terminal(demo):
