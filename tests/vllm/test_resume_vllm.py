@@ -26,11 +26,14 @@ from .conftest import ENGINE_KW, text_problems  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-N, K = 24, 4
+N, K = 16, 4
 
 
 def _config(tmp_path: Path, gcs_address: str, model: Path) -> Path:
-    src = tmp_path / "problems.jsonl"
+    # its own folder: ingest fingerprints every file beside a source (images live there), and the run
+    # directory under tmp_path changes while the run writes
+    src = tmp_path / "data" / "problems.jsonl"
+    src.parent.mkdir()
     with src.open("w") as f:
         for i, p in enumerate(text_problems(N)):
             f.write(json.dumps({"id": f"p{i}", "question": p["question"], "answer": p["answer"],
@@ -58,7 +61,7 @@ def test_sigkill_mid_vllm_generation_then_resume(tmp_path, ray_gpu, r1_model):
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], cwd=REPO,
                                 env=dict(os.environ), stdout=f, stderr=subprocess.STDOUT)
     step = tmp_path / "runs" / "kill" / "generate"
-    deadline = time.time() + 400
+    deadline = time.time() + 900
     while time.time() < deadline and len(list(step.glob("part-*.parquet"))) < 2 and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
