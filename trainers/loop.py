@@ -6,11 +6,17 @@ ranks, or Ray Train workers — trainers/launch.py picks). What it guarantees:
 - the global batch (micro_batch x grad_accum x world) and its loss are the same for any world size: the
   loss is the weighted token sum over the whole global batch divided by its labelled-token count, so two
   ranks with grad_accum 1 and one rank with grad_accum 2 take the same optimizer step;
-- every `save_every` steps a DeepSpeed checkpoint (model, optimizer, LR schedule) plus the data position
-  (epoch, next sample index, order seed) and each rank's RNG states; a restarted run continues from the
-  `latest` checkpoint and reproduces the uninterrupted loss sequence;
+- a DeepSpeed checkpoint (model, optimizer, LR schedule) plus the data position (epoch, next sample
+  index, order seed) and each rank's RNG states every `save_interval_s` seconds (on by default, spaced
+  so saving costs at most `checkpoint_overhead` of the time) and every `save_every` steps when set; a
+  restarted run continues from the `latest` checkpoint and reproduces the uninterrupted loss sequence;
+- each step's batches are built ahead by DataLoader workers (trainers/loader.py: decode, tokenize, pack,
+  collate; pinned on CUDA); the data position is the loop's plan, so resume is exact however far the
+  workers had run ahead; a sample that fails to load is dropped from its step and counted (`dropped` in
+  the step record, `dropped_in_training` in the metrics); any other input failure stops every rank;
 - one log line per step, `step 12/40 | loss 2.3456 | lr 1.2e-04 | tok/s 1,234 | mfu 0.0012`, the same
-  figures in TensorBoard (`<out>/tb`) and in `<out>/steps.jsonl`;
+  figures in TensorBoard (`<out>/tb`) and in `<out>/steps.jsonl` (plus `wait_s`: time the step waited on
+  its input);
 - at the end the model is consolidated (ZeRO-3 gathered, LoRA merged) and saved with `save_pretrained`
   to `<out>/model`, loadable with the model's Auto class.
 
@@ -528,10 +534,11 @@ def train_loop(
             # On the device: NCCL reduces CUDA tensors only (gloo takes either). The last entries say
             # whether any rank failed to build its step: then every rank stops here, none waits forever.
             counts = (item.counts or [0.0] * 4) + [float(item.dropped.get(r, 0)) for r in DROP_REASONS]
-            local = torch.tensor(counts + [float(item.dropped_real), float(item.error is not None)],
-                                 dtype=torch.float64, device=device)
+            # Then the seconds since the last checkpoint and its cost: every rank takes the same decision.
+            local = torch.tensor(counts + [float(item.dropped_real), float(item.error is not None), clock.since(),
+                                           clock.cost], dtype=torch.float64, device=device)
             dist.all_reduce(local)
-            *head, n_dropped_real, n_failed = local.tolist()
+            *head, n_dropped_real, n_failed, since, cost = local.tolist()
             n_labels, n_tokens, n_sq, n_images = head[:4]
             step_drops = {r: int(v) for r, v in zip(DROP_REASONS, head[4:], strict=True) if v}
             if n_failed:
@@ -544,11 +551,7 @@ def train_loop(
                 engine.backward(s * scale)
                 engine.step()
                 loss_sum += s.detach().double()  # read back once per step: no sync per micro-batch
-            # with the loss: the seconds since the last checkpoint and its cost, agreed by every rank
-            sums = torch.stack([loss_sum, torch.tensor(clock.since(), dtype=torch.float64, device=device),
-                                torch.tensor(clock.cost, dtype=torch.float64, device=device)])
-            dist.all_reduce(sums)
-            loss_total, since, cost = sums.tolist()
+            dist.all_reduce(loss_sum)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -557,7 +560,7 @@ def train_loop(
             epoch, next_index = item.epoch, item.next_index
             for r, v in step_drops.items():
                 dropped[r] = dropped.get(r, 0) + v
-            loss = loss_total / max(n_labels, 1.0)
+            loss = float(loss_sum) / max(n_labels, 1.0)
             losses.append(loss)
             tok_s = n_tokens / dt
             mfu = flops.step(n_tokens, n_sq, n_images, n_labels) / dt / peak
