@@ -107,15 +107,22 @@ class StepBatches:
     def __init__(self, dataset: Sequence[dict], collate: Callable[[list[dict]], dict]) -> None:
         self.dataset, self.collate = dataset, collate
 
-    def _load(self, i: int, item: StepItem) -> dict | None:
+    def _load(self, i: int, item: StepItem, w: float = 1.0) -> dict | None:
+        """Sample i, or None when it cannot be loaded; drops are counted for training samples only (w != 0:
+        a weight-0 filler repeats a sample of the epoch, whose drop was counted where it trained)."""
         try:
-            return self.dataset[i]
+            s = self.dataset[i]
+            for reason, k in (s.get("dropped") or {}).items():  # members a packed bin left out
+                if w != 0.0:
+                    item.dropped[reason] = item.dropped.get(reason, 0) + k
+            return s
         except Exception as e:  # noqa: BLE001 - only the drop reasons are caught; the rest is re-raised
             reason = _drop_reason(e)
             if reason is None:
                 raise
             log.warning("dropping sample %d from this step (%s): %s", i, reason, e)
-            item.dropped[reason] = item.dropped.get(reason, 0) + 1
+            if w != 0.0:
+                item.dropped[reason] = item.dropped.get(reason, 0) + 1
             item.dropped_ids.append(str(e)[:200])
             return None
 
@@ -132,7 +139,7 @@ class StepBatches:
         epoch, next_index, mine, real = plan
         item = StepItem(epoch, next_index, real, [], [])
         try:
-            loaded = [[(self._load(i, item), i, w) for i, w in mb] for mb in mine]
+            loaded = [[(self._load(i, item, w), i, w) for i, w in mb] for mb in mine]
             good = next((s for mb in loaded for s, _, _ in mb if s is not None), None)
             samples = []
             for mb in loaded:

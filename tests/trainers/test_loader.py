@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
+
 from pipeline.images import ImageError
 from trainers.data import DataError
 from trainers.loader import StepBatches, global_batches, step_items
@@ -75,6 +77,8 @@ def test_a_sample_that_fails_to_load_is_dropped_with_its_reason_and_a_filler_kee
     item = steps[(0, 4, mine, 3)]
     assert item.error is None
     assert item.dropped == {"bad_image": 1, "bad_sample": 1} and item.dropped_real == 2
+    filler_only = steps[(0, 8, [[(3, 0.0), (1, 1.0)]], 1)]  # a weight-0 repeat is not a training drop
+    assert filler_only.dropped == {} and filler_only.dropped_real == 0 and filler_only.error is None
     assert "broken data stream" in item.dropped_ids[0]
     assert [m["input_ids"].shape[0] for m in item.micro] == [2, 2]  # every forward still runs
     # only sample 1 carries loss: the fillers (and the weight-0 sample 0) have labels -100
@@ -117,14 +121,16 @@ def test_checkpoint_clock_spaces_slow_saves_to_the_overhead_budget():
     assert LoopConfig().save_interval_s > 0 and LoopConfig().save_every == 0  # on by default, by time
 
 
+@pytest.mark.parametrize("packing", [False, True])
 def test_a_corrupt_image_met_in_training_is_dropped_counted_and_checkpoints_come_by_time(tiny_student, sft_rows,
-                                                                                          tmp_path):
+                                                                                          tmp_path, packing):
     """Real SFT rows, one with an image whose pixel data is corrupt (its header still reads): the run
-    finishes, the step that met it counts it, and with only the time-based schedule a checkpoint exists."""
+    finishes, the step that met it counts it, and with only the time-based schedule a checkpoint exists.
+    Packed: the bad sample leaves its bin, the bin's other samples still train."""
     import pyarrow as pa
 
     from pipeline.schema import SFT
-    from trainers.data import make_sft_data
+    from trainers.data import SFTDataConfig, make_sft_data
     from trainers.loop import LoopData, train_loop
     from trainers.model import apply_freeze, load_student
 
@@ -135,15 +141,21 @@ def test_a_corrupt_image_met_in_training_is_dropped_counted_and_checkpoints_come
     table = pa.Table.from_pylist(rows, schema=SFT)
     model, processor = load_student(tiny_student, dtype="float32")
     apply_freeze(model, "projector_llm")
-    ds, collate = make_sft_data(table, processor)
-    assert len(ds) == len(rows)  # the stored size is intact: only decoding finds it
-    cfg = LoopConfig(max_steps=3, micro_batch=2, grad_accum=1, lr=1e-3, loss_chunk=0, tensorboard=False,
+    ds, collate = make_sft_data(table, processor, SFTDataConfig(packing=packing, max_len=400, window=6))
+    base = getattr(ds, "base", ds)
+    assert len(base) == len(rows)  # the stored size is intact: only decoding finds it
+    steps = -(-len(ds) // 2)  # one epoch
+    cfg = LoopConfig(max_steps=steps, micro_batch=2, grad_accum=1, lr=1e-3, loss_chunk=0, tensorboard=False,
                      export=False, loader_workers=1, save_interval_s=1e-6, checkpoint_overhead=1.0)
     res = train_loop(model, LoopData(ds, collate, processor), cfg, tmp_path, seed=0)
-    assert res.steps == 3 and all(x == x for x in res.losses)
+    assert res.steps == steps and all(x == x for x in res.losses)
     assert res.metrics["dropped_in_training"] == {"bad_image": 1}
     recs = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert sum(r.get("dropped", {}).get("bad_image", 0) for r in recs) == 1
-    assert res.samples_seen == 6 - 1  # 3 steps x 2 = one epoch, less the dropped sample
+    if packing:
+        bin_ = next(b for b in ds.bins if 1 in b)
+        assert len(bin_) > 1 and res.samples_seen == len(ds)  # the bin still trained, on its other samples
+    else:
+        assert res.samples_seen == len(ds) - 1  # one epoch, less the dropped sample
     assert all(r["wait_s"] >= 0 for r in recs)
     assert (tmp_path / "checkpoints" / "latest").read_text().startswith("step-")
