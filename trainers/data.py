@@ -353,7 +353,25 @@ class PackedSFTDataset(Sequence):
         return len(self.bins)
 
     def __getitem__(self, b: int) -> dict:
-        return pack([self.base[i] for i in self.bins[b]])
+        """The bin's samples packed; a member that fails to load is left out and counted in the bin's
+        `dropped` ({reason: n}); a bin none of whose members loads raises the first member's error."""
+        from pipeline.images import ImageError
+
+        members, dropped, first = [], {}, None
+        for i in self.bins[b]:
+            try:
+                members.append(self.base[i])
+            except (ImageError, DataError) as e:
+                reason = "bad_image" if isinstance(e, ImageError) else "bad_sample"
+                dropped[reason] = dropped.get(reason, 0) + 1
+                log.warning("packed bin %d: dropping a member (%s): %s", b, reason, e)
+                first = first or e
+        if not members:
+            raise first
+        out = pack(members)
+        if dropped:
+            out["dropped"] = dropped
+        return out
 
 
 class LengthGroupedSFTDataset(Sequence):

@@ -6,11 +6,17 @@ ranks, or Ray Train workers — trainers/launch.py picks). What it guarantees:
 - the global batch (micro_batch x grad_accum x world) and its loss are the same for any world size: the
   loss is the weighted token sum over the whole global batch divided by its labelled-token count, so two
   ranks with grad_accum 1 and one rank with grad_accum 2 take the same optimizer step;
-- every `save_every` steps a DeepSpeed checkpoint (model, optimizer, LR schedule) plus the data position
-  (epoch, next sample index, order seed) and each rank's RNG states; a restarted run continues from the
-  `latest` checkpoint and reproduces the uninterrupted loss sequence;
+- a DeepSpeed checkpoint (model, optimizer, LR schedule) plus the data position (epoch, next sample
+  index, order seed) and each rank's RNG states every `save_interval_s` seconds (on by default, spaced
+  so saving costs at most `checkpoint_overhead` of the time) and every `save_every` steps when set; a
+  restarted run continues from the `latest` checkpoint and reproduces the uninterrupted loss sequence;
+- each step's batches are built ahead by DataLoader workers (trainers/loader.py: decode, tokenize, pack,
+  collate; pinned on CUDA); the data position is the loop's plan, so resume is exact however far the
+  workers had run ahead; a sample that fails to load is dropped from its step and counted (`dropped` in
+  the step record, `dropped_in_training` in the metrics); any other input failure stops every rank;
 - one log line per step, `step 12/40 | loss 2.3456 | lr 1.2e-04 | tok/s 1,234 | mfu 0.0012`, the same
-  figures in TensorBoard (`<out>/tb`) and in `<out>/steps.jsonl`;
+  figures in TensorBoard (`<out>/tb`) and in `<out>/steps.jsonl` (plus `wait_s`: time the step waited on
+  its input);
 - at the end the model is consolidated (ZeRO-3 gathered, LoRA merged) and saved with `save_pretrained`
   to `<out>/model`, loadable with the model's Auto class.
 
@@ -20,6 +26,7 @@ CPU: gloo and fp32 by default; CUDA: nccl and bf16.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -35,8 +42,16 @@ from pydantic import Field
 
 from pipeline.config import StageConfig
 from trainers.checkpoint import export_model, load_checkpoint, save_checkpoint
-from trainers.flops import StepFlops, batch_stats, peak_flops
+from trainers.flops import StepFlops, peak_flops
 from trainers.kernels import apply_kernels
+from trainers.loader import (
+    DROP_REASONS,
+    auto_workers,
+    epoch_order,  # noqa: F401 - the sample order, part of this module's API
+    global_batches,
+    step_items,
+)
+from trainers.loader import count_samples as _count  # noqa: F401 - the per-step counts (tests import it here)
 from trainers.loss import chunked_lm_loss, loss_positions
 
 log = logging.getLogger(__name__)
@@ -62,7 +77,26 @@ class LoopConfig(StageConfig):
     micro_batch: int = Field(1, ge=1, description="samples per forward per rank")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step per rank")
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0 = off)")
-    save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0 = only the final export)")
+    save_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps (0 = by time only)")
+    save_interval_s: float = Field(
+        300.0, ge=0, description="checkpoint once this many seconds of training passed since the last one (0 = "
+        "off), spaced further apart when saving is slow, so checkpoints take at most checkpoint_overhead of the time"
+    )
+    checkpoint_overhead: float = Field(
+        0.05, gt=0, le=1, description="time-based checkpoints: the most share of training time spent saving them"
+    )
+    loader_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per rank that decode, tokenize, pack and collate "
+        "steps ahead (0 = in the training process; default: up to 4 on CUDA, 1 on CPU)"
+    )
+    prefetch_factor: int = Field(2, ge=1, description="steps each loader worker builds ahead")
+    pin_memory: bool | None = Field(None, description="page-locked batches for asynchronous copies (default: on CUDA)")
+    loader_timeout_s: float = Field(
+        1800.0, gt=0, description="a loader worker that delivers no step for this long is an error, not a hang"
+    )
+    loader_start: Literal["fork", "spawn", "forkserver"] = Field(
+        "fork", description="how loader workers start (spawn/forkserver need a picklable dataset and collator)"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = Field(True, description="recompute activations in backward to save memory")
@@ -350,14 +384,6 @@ def cosine_lambda(total: int, warmup: int, floor: float) -> Callable[[int], floa
     return f
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -377,30 +403,6 @@ def _to(batch: dict, device: Any) -> dict:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def _global_batches(n: int, cfg: LoopConfig, world: int, rank: int, seed: int, start: dict):
-    """Yield (epoch, next_index, [(sample indices, weight) per micro-batch of this rank]) from `start`.
-
-    A short last global batch is filled with samples from the epoch's start at weight 0, so every
-    rank runs the same number of forwards (ZeRO collectives need it) and the step's gradient equals the
-    one over the real samples only.
-    """
-    per = cfg.micro_batch * cfg.grad_accum * world
-    epoch, index = start["epoch"], start["index"]
-    while True:
-        order = epoch_order(n, seed, epoch)
-        while index < n:
-            ids = order[index : index + per]
-            real = len(ids)
-            ids += [order[i % n] for i in range(per - real)]
-            mine = []
-            for j in range(cfg.grad_accum):
-                lo = (j * world + rank) * cfg.micro_batch
-                mine.append([(ids[k], 1.0 if k < real else 0.0) for k in range(lo, lo + cfg.micro_batch)])
-            index += per
-            yield epoch, min(index, n), mine, real
-        epoch, index = epoch + 1, 0
-
-
 def total_steps(n: int, cfg: LoopConfig, world: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
@@ -408,37 +410,24 @@ def total_steps(n: int, cfg: LoopConfig, world: int) -> int:
     return cfg.epochs * math.ceil(n / per)
 
 
-def _weighted(sample: dict, w: float) -> dict:
-    """A filler sample (w == 0) keeps its shape but carries no loss: labels all -100."""
-    if w != 0.0:
-        return sample
-    import torch
+class CheckpointClock:
+    """When the time-based checkpoint is due: `interval_s` of training after the last one, or later when
+    saving is slow, so that saving takes at most `overhead` of the time (a save that took c seconds
+    waits at least c / overhead). The loop feeds `due` values every rank agrees on (all-reduced)."""
 
-    s = dict(sample)
-    s["labels"] = torch.full_like(torch.as_tensor(s["labels"]), -100)
-    if s.get("loss_weights") is not None:
-        s["loss_weights"] = torch.zeros_like(torch.as_tensor(s["loss_weights"]))
-    return s
+    def __init__(self, interval_s: float, overhead: float, now: Callable[[], float] = time.perf_counter) -> None:
+        self.interval_s, self.overhead, self.now = interval_s, overhead, now
+        self.last = now()
+        self.cost = 0.0  # seconds the last checkpoint took (0 before the first)
 
+    def since(self) -> float:
+        return self.now() - self.last
 
-def _count(micro_samples: list[list[tuple[dict, float]]]) -> list[float]:
-    """[labelled tokens, text tokens, sum of squared sample lengths, images] of a rank's step.
+    def due(self, since: float, cost: float) -> bool:
+        return self.interval_s > 0 and since >= max(self.interval_s, cost / self.overhead)
 
-    Counted on the samples before collation, so padding is left out; so are weight-0 filler samples
-    (computed only to keep ranks in step, they are not throughput).
-    """
-    import torch
-
-    out = [0.0, 0.0, 0.0, 0.0]
-    for samples in micro_samples:
-        for s, w in samples:
-            if w == 0.0:
-                continue
-            labels = s["labels"]
-            out[0] += float((torch.as_tensor(labels) != -100).sum())
-            for k, v in enumerate(batch_stats(s), start=1):
-                out[k] += float(v)
-    return out
+    def saved(self, cost: float) -> None:
+        self.cost, self.last = cost, self.now()
 
 
 def _read_steps(path: Path) -> list[dict]:
@@ -503,6 +492,7 @@ def train_loop(
         model=wrapped.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
     # Destroyed even when a step fails (e.g. out of memory), so a retry in this process starts clean.
+    items = None
     try:
         ckpt_dir = out_dir / CKPT_DIR
         position = load_checkpoint(engine, ckpt_dir, rank) or {"epoch": 0, "index": 0, "step": 0, "seed": seed}
@@ -528,21 +518,35 @@ def train_loop(
         unguarded = cfg.overflow_check == "global_norm" or not bf16
         losses = [r["loss"] for r in records]
         samples_seen = position.get("samples_seen", 0)
-        batches = _global_batches(n, cfg, world, rank, seed, position)
+        dropped = dict(position.get("dropped", {}))
+        plan = itertools.islice(global_batches(n, cfg, world, rank, seed, position), max(0, steps_total - step))
+        workers = cfg.loader_workers if cfg.loader_workers is not None else auto_workers(device.type == "cuda")
+        pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+        items = step_items(data.dataset, data.collate, plan, workers, cfg.prefetch_factor, pin,
+                           cfg.loader_timeout_s, cfg.loader_start)
+        clock = CheckpointClock(cfg.save_interval_s, cfg.checkpoint_overhead)
         engine.train()
         while step < steps_total:
-            epoch, next_index, mine, real = next(batches)
             t0 = time.perf_counter()
+            item = next(items)
+            wait = time.perf_counter() - t0
             lr = scheduler.get_last_lr()[0]
-            samples = [[(data.dataset[i], w) for i, w in mb] for mb in mine]
-            micro = [data.collate([_weighted(s, w) for s, w in mb]) for mb in samples]
-            # On the device: NCCL reduces CUDA tensors only (gloo takes either).
-            local = torch.tensor(_count(samples), dtype=torch.float64, device=device)
+            # On the device: NCCL reduces CUDA tensors only (gloo takes either). The last entries say
+            # whether any rank failed to build its step: then every rank stops here, none waits forever.
+            counts = (item.counts or [0.0] * 4) + [float(item.dropped.get(r, 0)) for r in DROP_REASONS]
+            # Then the seconds since the last checkpoint and its cost: every rank takes the same decision.
+            local = torch.tensor(counts + [float(item.dropped_real), float(item.error is not None), clock.since(),
+                                           clock.cost], dtype=torch.float64, device=device)
             dist.all_reduce(local)
-            n_labels, n_tokens, n_sq, n_images = local.tolist()
+            *head, n_dropped_real, n_failed, since, cost = local.tolist()
+            n_labels, n_tokens, n_sq, n_images = head[:4]
+            step_drops = {r: int(v) for r, v in zip(DROP_REASONS, head[4:], strict=True) if v}
+            if n_failed:
+                raise RuntimeError(f"step {step + 1}: the input pipeline failed on {int(n_failed)} rank(s)"
+                                   + (f"; on rank {rank}:\n{item.error}" if item.error else ""))
             scale = cfg.grad_accum * world / max(n_labels, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for m in micro:
+            for m in item.micro:
                 s = engine(_to(wrapped.prepare(m), device))
                 engine.backward(s * scale)
                 engine.step()
@@ -552,7 +556,10 @@ def train_loop(
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             step += 1
-            samples_seen += real
+            samples_seen += item.real - int(n_dropped_real)
+            epoch, next_index = item.epoch, item.next_index
+            for r, v in step_drops.items():
+                dropped[r] = dropped.get(r, 0) + v
             loss = float(loss_sum) / max(n_labels, 1.0)
             losses.append(loss)
             tok_s = n_tokens / dt
@@ -575,7 +582,11 @@ def train_loop(
                 "tok_s": tok_s,
                 "mfu": mfu,
                 "step_s": dt,
+                "wait_s": wait,
             }
+            if step_drops:
+                rec["dropped"] = step_drops
+                log.warning("step %d: dropped %s (%s)", step, step_drops, "; ".join(item.dropped_ids)[:300])
             if rank == 0:
                 records.append(rec)
                 with open(steps_log, "a") as f:
@@ -588,11 +599,15 @@ def train_loop(
                         "step %d/%d | loss %.4f | lr %.1e | tok/s %s | mfu %.4f",
                         step, steps_total, loss, lr, f"{tok_s:,.0f}", mfu,
                     )
-            position = {"epoch": epoch, "index": next_index, "step": step, "seed": seed, "samples_seen": samples_seen}
+            position = {"epoch": epoch, "index": next_index, "step": step, "seed": seed, "samples_seen": samples_seen,
+                        "dropped": dropped}
             if next_index >= n:
                 position.update(epoch=epoch + 1, index=0)
-            if cfg.save_every and step % cfg.save_every == 0 and step < steps_total:
+            by_steps = cfg.save_every and step % cfg.save_every == 0
+            if step < steps_total and (by_steps or clock.due(since / world, cost / world)):
+                c0 = time.perf_counter()
                 save_checkpoint(engine, ckpt_dir, step, position, rank, cfg.keep_checkpoints)
+                clock.saved(time.perf_counter() - c0)
             if on_step is not None:
                 on_step(step, rec)
         if writer is not None:
@@ -601,6 +616,8 @@ def train_loop(
         if model_dir is not None:
             export_model(engine, model, model_dir, rank, cfg.zero_stage, data.processor)
     finally:
+        if items is not None:
+            items.close()  # stops the loader's workers
         engine.destroy()
     tail = records[-min(len(records), 5):] if records else []
     metrics = {
@@ -611,5 +628,6 @@ def train_loop(
         "mfu": sum(r["mfu"] for r in tail) / max(1, len(tail)),
         "world_size": world,
         "bf16": bf16,
+        "dropped_in_training": dropped,
     }
     return LoopResult(step, losses, samples_seen, model_dir, metrics, records)

@@ -17,7 +17,10 @@ Outputs in the step dir: `model/` (the exported student: config, safetensors, pr
 `checkpoints/` (DeepSpeed, for resume), `tb/` (TensorBoard), `steps.jsonl`, `result.json`.
 Manifest: rows_in = SFT rows read, kept = samples in the training set, dropped by reason
 (below_tau, bad_image, overlong, image_count_mismatch, no_assistant_turn).
-A killed train step restarted with the same config resumes from its last checkpoint.
+A killed train step restarted with the same config resumes from its last checkpoint (taken every
+`save_interval_s` by default, and every `save_every` steps when set). Samples that fail to load while
+training (an image that does not decode after all) are left out of their step and counted in
+`metrics.dropped_in_training` and in that step's `steps.jsonl` record.
 """
 
 from __future__ import annotations
@@ -285,6 +288,8 @@ def run(cfg: TrainConfig, ctx: Any) -> Manifest:
             "init_from": str(model_dir),
             **{k: result.get(k) for k in ("steps", "first_loss", "final_loss", "tok_s", "mfu", "world_size",
                                           "samples_seen", "items")},
+            # samples (per epoch) that failed to load while training: left out of their step, counted
+            "dropped_in_training": result.get("dropped_in_training") or {},
         }
     )
     return m

@@ -223,3 +223,38 @@ def test_prompt_inputs_are_the_training_prefix(student, sft_rows):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == n + 3
+
+
+def test_packed_mixed_lengths_give_the_unpacked_loss_and_gradients(student):
+    """The loop's loss module on one packed row of mixed-length samples (0-2 images, lengths differing
+    several-fold) vs the same samples padded one per row: the same loss sum and the same gradients, so no
+    token attends across a sample boundary and no loss is counted on one (SDPA's path on CPU)."""
+    from trainers.data import SFTDataConfig, make_sft_data, pack
+    from trainers.loop import make_loss_module
+
+    model, processor = student
+    rows = make_sft_rows(9)
+    for k, r in enumerate(rows):  # a length mix: reasoning from a few words to ~30x that
+        think = "Let x be the side. " * (1 + 7 * (k % 4) ** 2)
+        r["messages"][2]["content"] = f"<think>{think}</think>The answer is {k}."
+    ds, collate = make_sft_data(pa.Table.from_pylist(rows, schema=SFT), processor, SFTDataConfig())
+    items = [ds[i] for i in (0, 1, 2, 3, 4, 5)]
+    assert max(it["length"] for it in items) > 3 * min(it["length"] for it in items)
+    wrapped = make_loss_module(model, chunk=32, zero_stage=2)
+
+    def loss_and_grads(batch: dict):
+        model.zero_grad()
+        loss = wrapped(wrapped.prepare({k: v for k, v in batch.items() if torch.is_tensor(v)}))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = collate([pack(items[:4]), pack(items[4:])])  # two packed rows, the shorter padded
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 2
+    unpacked = collate(items)
+    loss_p, grads_p = loss_and_grads(packed)
+    loss_u, grads_u = loss_and_grads(unpacked)
+    assert torch.allclose(loss_p, loss_u, rtol=1e-5), (loss_p, loss_u)
+    assert grads_p.keys() == grads_u.keys() and any("vision" in n for n in grads_p)
+    for n in grads_p:  # fp32 sums in another order: equal to ~1e-6 of the gradient's own scale
+        scale = float(grads_u[n].abs().max())
+        assert float((grads_p[n] - grads_u[n]).abs().max()) <= 1e-5 * scale + 1e-7, n  # k bias: 0 up to noise

@@ -188,7 +188,9 @@ def _killed_run(model_dir: str, out: str, kill_at: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     data = _data(Path(model_dir), MID_EPOCH_N)
-    train_loop(_model(Path(model_dir)), data, _cfg(save_every=3), Path(out), seed=5, on_step=on_step)
+    # two loader workers, three steps ahead each: when the kill comes, steps past it are already built
+    cfg = _cfg(save_every=3, loader_workers=2, prefetch_factor=3)
+    train_loop(_model(Path(model_dir)), data, cfg, Path(out), seed=5, on_step=on_step)
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
@@ -196,7 +198,8 @@ def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
 
     # 14 samples, 4 per step: epochs end after steps 4, 8, 12 (each with a 2-sample filler-padded step),
     # so the checkpoint at step 6 sits mid-epoch (epoch 1, sample 8).
-    full = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3), tmp_path / "full", seed=5)
+    full = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3, loader_workers=1),
+                      tmp_path / "full", seed=5)
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_killed_run, args=(str(tiny_lm), str(tmp_path / "cut"), 8))
     p.start()
@@ -208,7 +211,9 @@ def test_kill_and_resume_continues_the_same_loss_curve(tiny_lm, tmp_path):
     assert ckpt["position"]["epoch"] == 1 and ckpt["position"]["index"] == 8
     with open(tmp_path / "cut" / "steps.jsonl", "a") as f:
         f.write('{"step": 9, "epoch": 2, "lo')  # a line the kill tore in half
-    resumed = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3), tmp_path / "cut", seed=5)
+    # resumed with the batches built in this process: the data position is the checkpoint's, not the loader's
+    resumed = train_loop(_model(tiny_lm), _data(tiny_lm, MID_EPOCH_N), _cfg(save_every=3, loader_workers=0),
+                         tmp_path / "cut", seed=5)
     assert resumed.steps == 12 and len(resumed.losses) == 12
     for i, (a, b) in enumerate(zip(full.losses, resumed.losses, strict=True)):
         assert abs(a - b) < 1e-6, f"step {i + 1}: {a} vs {b}"
