@@ -152,7 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if r.get("reason"):
             status += f" ({r['reason']})"
         table.add_row(phase if first else "", r["step"], consumes, r["fingerprint"][:10], status)
-    console = Console(width=max(Console().width, 120))
+    console = Console() if Console().is_terminal else Console(width=160)
     console.print(table)
     console.print(f"{len(rows)} steps: {counts['done']} done, {counts['stale']} stale, {counts['missing']} missing"
                   + (" - `r1v run` runs the stale and missing ones" if counts["stale"] + counts["missing"] else ""),

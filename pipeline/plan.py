@@ -13,7 +13,7 @@ so far (`Use("sft", all=True)`: each train round reads every round's curated SFT
 has provided yet leaves the role out (round 0 has no retry list), unless it is `keep_empty` (filter
 reading an external chains file) or `required` (then the plan is refused with a PlanError naming the
 section to configure). A phase repeats as often as its `rounds` says, its steps named `stage` in
-round 0 and `stage-<suffix><r>` after; a phase whose `requires` sections are not all configured is
+round 0 and `stage-<suffix><r>` after (an entry's `name` replaces the stage there); a phase whose `requires` sections are not all configured is
 left out. Adding a phase is adding one `Phase(...)` to `PLAN`.
 """
 
@@ -51,6 +51,7 @@ class Entry:
     stage: str
     consumes: dict[str, Use] = field(default_factory=dict)
     provides: tuple[str, ...] = ()
+    name: str | None = None  # the step name in round 0 (default: the stage), for a stage used twice
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,11 @@ def step_name(stage: str, suffix: str, r: int) -> str:
     return stage if r == 0 else f"{stage}-{suffix}{r}"
 
 
-def expand(cfg: Any, phases: Sequence[Phase] = PLAN) -> list[Step]:
+def expand(cfg: Any, phases: Sequence[Phase] | None = None) -> list[Step]:
     """The run's steps in execution order (the pipeline's DAG, flattened), each with its inputs."""
     from pipeline.stages import STAGES
 
+    phases = PLAN if phases is None else phases
     provided: dict[str, list[str]] = {}
     steps: list[Step] = []
     for phase in phases:
@@ -133,7 +135,7 @@ def expand(cfg: Any, phases: Sequence[Phase] = PLAN) -> list[Step]:
         entries = [e for e in phase.entries if e.stage in STAGES and _configured(cfg, e.stage)]
         for r in range(phase.rounds(cfg) if entries else 0):
             for entry in entries:
-                name = step_name(entry.stage, phase.suffix, r)
+                name = step_name(entry.name or entry.stage, phase.suffix, r)
                 inputs: dict[str, list[str]] = {}
                 for role, use in entry.consumes.items():
                     if use.when is not None and not use.when(cfg):
