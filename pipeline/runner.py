@@ -162,7 +162,8 @@ class Runner:
         return hits
 
     def until_index(self, until: str | None) -> int | None:
-        """The last step `--until` runs: the step of that name, else the last step of that stage."""
+        """The last step `--until` runs: the step of that name (`curate` is round 0's), else the last
+        step of the stage of that name."""
         if until is None:
             return None
         exact = [i for i, s in enumerate(self.steps) if s.name == until]
@@ -197,7 +198,7 @@ class Runner:
             command: str | None = None, until: str | None = None) -> dict[str, Manifest]:
         """Run the selected steps, holding the run directory's lock (pipeline.runlock) throughout: a second
         driver on the same run is refused with RunLockedError naming the holder. `until` stops after
-        that step (a stage name: after its last round)."""
+        that step (see until_index)."""
         from pipeline.runlock import RunLock
 
         forced = {s.name for s in self.select(stage, from_, until)}
