@@ -132,7 +132,10 @@ def expand(cfg: Any, phases: Sequence[Phase] | None = None) -> list[Step]:
     for phase in phases:
         if not all(_configured(cfg, s) for s in phase.requires):
             continue
-        entries = [e for e in phase.entries if e.stage in STAGES and _configured(cfg, e.stage)]
+        unknown = [e.stage for e in phase.entries if e.stage not in STAGES]
+        if unknown:
+            raise PlanError(f"plan phase {phase.name!r} names unregistered stages {unknown} (pipeline/stages.py)")
+        entries = [e for e in phase.entries if _configured(cfg, e.stage)]
         for r in range(phase.rounds(cfg) if entries else 0):
             for entry in entries:
                 name = step_name(entry.name or entry.stage, phase.suffix, r)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, plan as plan_mod, runner as runner_mod
+from pipeline import cli
+from pipeline import plan as plan_mod
+from pipeline import runner as runner_mod
 from pipeline.config import load_config
 from pipeline.errors import EXIT_USAGE, PlanError
 from pipeline.plan import PLAN, Entry, Phase, Use, expand
@@ -166,6 +168,15 @@ def test_a_phase_added_in_one_place_appears_with_its_inputs(tmp_path, capsys, mo
                                                         ("score-p2", {"model": ["train-t2"]})]
     with pytest.raises(PlanError, match="names steps twice: evaluate"):
         expand(cfg, (*PLAN, Phase("again", (Entry("evaluate", {"model": Use("model")}),))))
+
+
+def test_every_registered_stage_has_a_place_in_the_plan():
+    from pipeline.stages import STAGES
+
+    planned = [e.stage for ph in PLAN for e in ph.entries]
+    assert sorted(set(planned)) == sorted(STAGES), "a configured section with no plan entry would never run"
+    with pytest.raises(PlanError, match="unregistered stages"):
+        expand(load_config(DEMO), (Phase("x", (Entry("nosuch"),)),))
 
 
 def test_plan_refusals_are_typed(tmp_path):
