@@ -154,11 +154,11 @@ class Runner:
             return ("missing", None)
         return ("done" if m.fingerprint == self.fingerprint(step) else "stale", m)
 
-    def _matches(self, key: str, what: str = "step or stage") -> list[int]:
+    def _matches(self, key: str) -> list[int]:
         """Indices of the steps named `key`, or of every step of the stage `key`; UnknownStepError if none."""
         hits = [i for i, s in enumerate(self.steps) if s.name == key or s.stage == key]
         if not hits:
-            raise UnknownStepError(key, [s.name for s in self.steps], what=what)
+            raise UnknownStepError(key, [s.name for s in self.steps])
         return hits
 
     def until_index(self, until: str | None) -> int | None:
