@@ -4,7 +4,9 @@
     r1v run configs/demo.yaml ingest.limit=50       # dotted overrides
     r1v run configs/demo.yaml --stage filter        # re-run one stage from its stored inputs
     r1v run configs/demo.yaml --from generate       # re-run generate and everything after it
+    r1v run configs/demo.yaml --until curate        # the steps up to and including curate
     r1v validate configs/demo.yaml                  # exit 1 with the problems listed
+    r1v plan configs/demo.yaml                      # the graph: steps, inputs, fingerprint, done/stale/missing
     r1v status runs/demo                            # per step: done / stale / missing, rows, drops, time
     r1v inspect runs/demo filter --row c-0001       # one step's table (polars): schema, head, one row
     r1v report runs/demo                            # HTML report with plots
@@ -80,11 +82,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(cfg)
     args.error_dir = runner.run_dir
     try:
-        results = runner.run(stage=args.stage, from_=args.from_, force=args.force, command=" ".join(["r1v", *sys.argv[1:]]))
+        results = runner.run(stage=args.stage, from_=args.from_, force=args.force, until=args.until,
+                             command=" ".join(["r1v", *sys.argv[1:]]))
     except StaleUpstreamError as e:  # name the command the user typed, with its overrides
         again = " ".join(["r1v run", args.config, *args.overrides])
         raise StaleUpstreamError(str(e).replace("r1v run CONFIG", again)) from e
     log.info("run %s: %d steps done; outputs in %s", cfg.run.name, len(results), runner.run_dir.resolve())
+    return 0
+
+
+def _stale_reason(runner, step, m) -> str:
+    """Why a finished step no longer matches: which input steps changed, else its own config or code."""
+    ups = runner.upstream(step)
+    changed = [u for u in ups if m.upstream.get(u) != runner.fingerprint(runner.by_name[u])]
+    if changed:
+        return "input changed: " + ", ".join(changed)
+    if sorted(m.upstream) != sorted(ups):
+        return "inputs differ: was " + (", ".join(sorted(m.upstream)) or "none")
+    return "config or code changed"
+
+
+def plan_rows(runner) -> list[dict]:
+    """One dict per planned step: name, stage, phase, round, inputs, fingerprint, status (+ why stale)."""
+    rows = []
+    for step in runner.steps:
+        state, m = runner.state(step)
+        row = {"step": step.name, "stage": step.stage, "phase": step.phase, "round": step.round,
+               "inputs": step.inputs, "fingerprint": runner.fingerprint(step), "status": state}
+        if state == "stale":
+            row["reason"] = _stale_reason(runner, step, m)
+        if m is not None:
+            row["kept"] = m.kept
+        rows.append(row)
+    return rows
+
+
+_STATUS_STYLE = {"done": "green", "stale": "yellow", "missing": "red"}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.runlock import is_locked
+    from pipeline.runner import Runner
+
+    cfg = _checked_config(args)
+    runner = Runner(cfg)
+    rows = plan_rows(runner)
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "stale", "missing")}
+    holder = is_locked(runner.run_dir)
+    if args.json:
+        print(json.dumps({"config": args.config, "run_dir": str(runner.run_dir), "steps": rows, "counts": counts,
+                          "running": holder or None}, indent=2))
+        return 0
+    table = Table(title=f"plan of {args.config} -> {runner.run_dir}", title_justify="left")
+    for col in ("phase", "step", "consumes", "fingerprint", "status"):
+        table.add_column(col, no_wrap=col != "consumes")
+    phase = None
+    for r in rows:
+        first = r["phase"] != phase
+        if first and phase is not None:
+            table.add_section()
+        phase = r["phase"]
+        consumes = "; ".join(f"{role} <- {', '.join(ups) or '(none)'}" for role, ups in r["inputs"].items()) or "-"
+        status = f"[{_STATUS_STYLE[r['status']]}]{r['status']}[/]"
+        if r.get("reason"):
+            status += f" ({r['reason']})"
+        table.add_row(phase if first else "", r["step"], consumes, r["fingerprint"][:10], status)
+    console = Console() if Console().is_terminal else Console(width=160)
+    console.print(table)
+    console.print(f"{len(rows)} steps: {counts['done']} done, {counts['stale']} stale, {counts['missing']} missing"
+                  + (" - `r1v run` runs the stale and missing ones" if counts["stale"] + counts["missing"] else ""),
+                  highlight=False)
+    if holder:
+        console.print(f"running: pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')})")
     return 0
 
 
@@ -210,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--stage", metavar="STEP", help="re-run only this stage (all its rounds) or step from its stored inputs")
     g.add_argument("--from", dest="from_", metavar="STEP", help="re-run this stage (or step) and every step after it")
+    p.add_argument("--until", metavar="STEP",
+                   help="stop after this step (alone: run what is not done up to it; with --from: re-run from..until)")
     p.add_argument("--force", action="store_true", help="ignore fingerprints: re-run every selected step")
     p.set_defaults(fn=cmd_run)
 
@@ -219,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the run's YAML config")
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=_OVERRIDES_HELP)
     p.set_defaults(fn=cmd_validate)
+
+    p = command("plan", "the run's graph: every step, what it consumes, fingerprint, done / stale / missing",
+                "Expand a config (with its overrides) into its steps, as `r1v run` would, and show each step's "
+                "inputs, fingerprint and state in the run directory; nothing runs.")
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (for tools)")
+    p.set_defaults(fn=cmd_plan)
 
     p = command("status", "per step: done / stale / missing, rows, drop reasons, wall time")
     p.add_argument("run_dir", help="a run directory (<run.root>/<run.name>, e.g. runs/demo)")

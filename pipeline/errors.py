@@ -46,6 +46,10 @@ class InputError(R1vError):
     """A missing or unusable input: a file, a run directory, a table, an expression."""
 
 
+class PlanError(InputError, ValueError):
+    """A config whose plan cannot be built: a step needs an input no configured step provides."""
+
+
 class UsageError(R1vError):
     exit_code = EXIT_USAGE
 

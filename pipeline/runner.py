@@ -1,11 +1,12 @@
-"""The stage runner: expands a run config into steps, skips finished ones, runs the rest.
+"""The stage runner: expands a run config into steps (pipeline.plan), skips finished ones, runs the rest.
 
 A *step* is one stage in one round (`generate`, `generate-r1`, ...). Its fingerprint hashes the stage
 name, the resolved stage config, the fingerprints of its input steps and the table schema versions, so
 it is known before anything runs: `r1v status` can tell done / stale / missing without reading data.
 
 Re-runs: a step whose manifest carries the current fingerprint is skipped. `--stage S` re-runs S from
-its stored inputs, `--from S` re-runs S and every step after it, `--force` ignores fingerprints.
+its stored inputs, `--from S` re-runs S and every step after it, `--until S` stops after S (alone: the
+steps up to S that are not done run), `--force` ignores fingerprints.
 A step killed mid-way leaves `_progress.json` with its fingerprint; if the next attempt has the same
 fingerprint the stage gets `ctx.resume=True` and may keep the complete shards it wrote (generation
 does); otherwise the step directory is cleared first.
@@ -16,14 +17,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.config import dump_yaml, stage_config_for_round
-from pipeline.errors import StaleUpstreamError, UnknownStepError
+from pipeline.errors import StaleUpstreamError, UnknownStepError, UsageError
+from pipeline.plan import Step, expand
 from pipeline.rundir import (
     MANIFEST,
     PROGRESS,
@@ -42,50 +44,9 @@ from pipeline.stages import STAGES
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Step:
-    name: str
-    stage: str
-    round: int
-    inputs: dict[str, list[str]] = field(default_factory=dict)
-
-
-def _round_name(stage: str, r: int) -> str:
-    return stage if r == 0 else f"{stage}-r{r}"
-
-
 def plan(cfg: Any) -> list[Step]:
-    """The run's steps in execution order (the pipeline's DAG, flattened)."""
-    steps = [Step("ingest", "ingest", 0)]
-    problems = "ingest"
-    for stage in ("decontaminate", "assess", "caption"):
-        if stage in STAGES and getattr(cfg, stage, None) is not None:
-            steps.append(Step(stage, stage, 0, {"problems": [problems]}))
-            problems = stage
-    curated: list[str] = []
-    has = {s: s in STAGES and getattr(cfg, s, None) is not None for s in ("generate", "filter", "curate")}
-    for r in range(cfg.rounds.count if has["generate"] else 1):
-        gen = _round_name("generate", r)
-        if has["generate"]:
-            inputs = {"problems": [problems]}
-            if r > 0 and has["curate"]:
-                inputs["retry"] = [_round_name("curate", r - 1)]
-            steps.append(Step(gen, "generate", r, inputs))
-        if has["filter"]:
-            chains = [gen] if has["generate"] else []
-            steps.append(Step(_round_name("filter", r), "filter", r, {"chains": chains, "problems": [problems]}))
-        if has["curate"]:
-            up = _round_name("filter", r) if has["filter"] else gen
-            cur = _round_name("curate", r)
-            cur_inputs = {"chains": [up], "problems": [problems]}
-            if r > 0:
-                cur_inputs["retry"] = [_round_name("curate", r - 1)]  # the problems this round attempted
-            steps.append(Step(cur, "curate", r, cur_inputs))
-            curated.append(cur)
-    extra_plan = getattr(STAGES.get("train") and STAGES["train"].load(), "plan_steps", None)
-    if extra_plan is not None and getattr(cfg, "train", None) is not None:
-        steps += extra_plan(cfg, problems=problems, curated=curated)
-    return steps
+    """The run's steps in execution order, each with its inputs (declared in pipeline.plan.PLAN)."""
+    return expand(cfg)
 
 
 @dataclass
@@ -193,34 +154,61 @@ class Runner:
             return ("missing", None)
         return ("done" if m.fingerprint == self.fingerprint(step) else "stale", m)
 
-    def select(self, stage: str | None, from_: str | None) -> list[Step]:
-        def match(s: Step, key: str) -> bool:
-            return s.name == key or s.stage == key
+    def _matches(self, key: str) -> list[int]:
+        """Indices of the steps named `key`, or of every step of the stage `key`; UnknownStepError if none."""
+        hits = [i for i, s in enumerate(self.steps) if s.name == key or s.stage == key]
+        if not hits:
+            raise UnknownStepError(key, [s.name for s in self.steps])
+        return hits
 
+    def until_index(self, until: str | None) -> int | None:
+        """The last step `--until` runs: the step of that name (`curate` is round 0's), else the last
+        step of the stage of that name."""
+        if until is None:
+            return None
+        exact = [i for i, s in enumerate(self.steps) if s.name == until]
+        return exact[0] if exact else self._matches(until)[-1]
+
+    def select(self, stage: str | None, from_: str | None, until: str | None = None) -> list[Step]:
+        """The steps re-run whatever their state: `stage` (every round of it) or `from_` and every step
+        after it, up to and including `until`."""
         for key in (stage, from_):
-            if key is not None and not any(match(s, key) for s in self.steps):
-                raise UnknownStepError(key, [s.name for s in self.steps])
+            if key is not None:
+                self._matches(key)
+        last = self.until_index(until)
         if stage is not None:
-            return [s for s in self.steps if match(s, stage)]
+            if until is not None:
+                raise UsageError("--until goes alone or with --from, not with --stage (which runs one stage)")
+            return [s for s in self.steps if s.name == stage or s.stage == stage]
         if from_ is not None:
-            first = next(i for i, s in enumerate(self.steps) if match(s, from_))
-            return self.steps[first:]
+            first = self._matches(from_)[0]
+            if last is not None and last < first:
+                raise UsageError(f"--until {until} comes before --from {from_} in the plan (r1v plan CONFIG)")
+            return self.steps[first:None if last is None else last + 1]
         return []
 
+    def todo(self, stage: str | None = None, from_: str | None = None, until: str | None = None) -> list[Step]:
+        """The steps a run visits (finished ones among them are skipped unless selected or forced)."""
+        if stage is not None:
+            return self.select(stage, from_, until)
+        last = self.until_index(until)
+        return self.steps[:None if last is None else last + 1]
+
     def run(self, stage: str | None = None, from_: str | None = None, force: bool = False,
-            command: str | None = None) -> dict[str, Manifest]:
+            command: str | None = None, until: str | None = None) -> dict[str, Manifest]:
         """Run the selected steps, holding the run directory's lock (pipeline.runlock) throughout: a second
-        driver on the same run is refused with RunLockedError naming the holder."""
+        driver on the same run is refused with RunLockedError naming the holder. `until` stops after
+        that step (see until_index)."""
         from pipeline.runlock import RunLock
 
-        forced = {s.name for s in self.select(stage, from_)}
+        forced = {s.name for s in self.select(stage, from_, until)}
+        todo = self.todo(stage, from_, until)
         with RunLock(self.run_dir, command=command):
-            return self._run_locked(stage, forced, force)
+            return self._run_locked(todo, forced, force)
 
-    def _run_locked(self, stage: str | None, forced: set[str], force: bool) -> dict[str, Manifest]:
+    def _run_locked(self, todo: list[Step], forced: set[str], force: bool) -> dict[str, Manifest]:
         from pipeline.ray_utils import init_ray
 
-        todo = [s for s in self.steps if s.name in forced] if stage is not None else self.steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(self.cfg).encode())
         results: dict[str, Manifest] = {}

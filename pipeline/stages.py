@@ -10,6 +10,7 @@ writes only what is missing; other stages start from an empty step directory.
 stage's output (a verifier fix, a new id scheme), so finished steps become stale. `ROWS_FROM = role`
 names the input whose table rows_in counts; the runner records how rows_in follows from those input
 steps' manifests (Manifest.inputs).
+Which steps a config expands to, and what each consumes, is declared in pipeline/plan.py (PLAN).
 Stage modules import only light modules at the top; torch, transformers and vLLM load inside `run`.
 """
 

@@ -3,7 +3,7 @@
     r1v run configs/demo.yaml --stage train          # tiny student on CPU, one process, ~1 minute
     r1v run configs/demo.yaml train.launcher=torchrun train.nproc=2
 
-Plan (`plan_steps`, called by pipeline.runner.plan when a `train` section is configured):
+Plan (the `student` and `sft` phases of pipeline.plan.PLAN, when a `train` section is configured):
 
     assemble -> train -> evaluate -> train-t1 -> evaluate-t1 -> ... -> train-tT -> evaluate-tT
 
@@ -103,43 +103,6 @@ class TrainConfig(LoopConfig):
         None, description="student checkpoint dir to start from when no `assemble` section is configured"
     )
     check_images: bool = Field(True, description="decode every image before training; bad ones drop their sample")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# plan
-
-
-def plan_steps(cfg: Any, problems: str, curated: list[str]) -> list:
-    """The trainer's steps after curation: assemble, train, evaluate, then the iterative rounds."""
-    from pipeline.runner import Step
-    from pipeline.stages import STAGES
-
-    tcfg: TrainConfig = cfg.train
-    if not curated:
-        raise ValueError("train: no curated SFT steps in this run (configure generate, filter and curate)")
-    steps: list = []
-    model_inputs: dict[str, list[str]] = {}
-    if getattr(cfg, "assemble", None) is not None and "assemble" in STAGES:
-        steps.append(Step("assemble", "assemble", 0, {}))
-        model_inputs = {"model": ["assemble"]}
-    elif not tcfg.init_from:
-        raise ValueError("train: configure an `assemble` section or set train.init_from to a student checkpoint")
-    has_eval = getattr(cfg, "evaluate", None) is not None and "evaluate" in STAGES
-    steps.append(Step("train", "train", 0, {"sft": list(curated), **model_inputs}))
-    if has_eval:
-        steps.append(Step("evaluate", "evaluate", 0, {"model": ["train"], "problems": [problems]}))
-    prev_train, prev_eval = "train", "evaluate"
-    for t in range(1, tcfg.iterative.rounds + 1):
-        name = f"train-t{t}"
-        inputs = {"sft": list(curated), "model": [prev_train]}
-        if has_eval and tcfg.iterative.include_wrong:
-            inputs["wrong"] = [prev_eval]
-        steps.append(Step(name, "train", t, inputs))
-        if has_eval:
-            steps.append(Step(f"evaluate-t{t}", "evaluate", t, {"model": [name], "problems": [problems]}))
-            prev_eval = f"evaluate-t{t}"
-        prev_train = name
-    return steps
 
 
 def round_settings(cfg: TrainConfig, round_: int) -> tuple[float | None, float]:

@@ -15,7 +15,7 @@ from pipeline.rundir import ShardWriter, read_table
 from pipeline.runner import StageContext, plan
 from pipeline.schema import SFT
 from trainers.evaluate import FAILED, FAILED_DIR
-from trainers.train import TrainConfig, plan_steps, round_settings, run, select_rows
+from trainers.train import TrainConfig, round_settings, run, select_rows
 
 
 def _ctx(tmp_path, run_cfg, step: str, round_: int, inputs: dict) -> StageContext:
@@ -62,7 +62,7 @@ def test_plan_without_evaluate_or_model_source():
     raw = _raw()
     del raw["assemble"]
     with pytest.raises(ValueError, match="train.init_from"):
-        plan_steps(validate_config(raw), problems="ingest", curated=["curate"])
+        plan(validate_config(raw))
     with pytest.raises(ConfigError, match="iterative"):
         validate_config(_raw(iterative={"rounds": 3, "tau": [3, 4]}))
 
