@@ -33,6 +33,8 @@ from pipeline.rundir import Manifest, ShardWriter, stable_hash
 
 log = logging.getLogger(__name__)
 
+LOGIC_VERSION = 2  # 2: engine errors are wrong answers in the denominator (verdict engine_error)
+
 FAILED_DIR = "failed"
 TABLES = ("predictions", "failed")
 
@@ -141,6 +143,24 @@ def grade(problem: dict, result: Any, verify_cfg: VerifyConfig) -> dict:
     }
 
 
+def _error_row(problem: dict, result: Any) -> dict:
+    """The predictions row of a problem the engine failed on: verdict `engine_error`, not correct."""
+    return {
+        "problem_id": problem["problem_id"],
+        "source": problem.get("source"),
+        "subject": problem.get("subject"),
+        "difficulty": problem.get("difficulty"),
+        "answer": problem.get("answer"),
+        "pred_answer": None,
+        "verdict": "engine_error",
+        "correct": False,
+        "finish_reason": "error",
+        "completion_tokens": getattr(result, "completion_tokens", None),
+        "completion": (result.error or "")[:2000],
+        "latency_s": getattr(result, "latency_s", None),
+    }
+
+
 def accuracy_table(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
     """{group: {"n": count, "accuracy": share correct}} grouped by `key` (None -> "unknown")."""
     groups: dict[str, list[bool]] = defaultdict(list)
@@ -209,8 +229,11 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
                 rows = []
                 for p, res in zip(chunk, engine.generate(reqs), strict=True):
                     if res.finish_reason == "error":
+                        # counted as a wrong answer: an engine that fails on a problem has not solved it, and
+                        # leaving it out of the denominator would raise the accuracy of a flaky engine
                         errors[res.error_kind or "engine_error"] += 1
                         log.warning("evaluate: %s: %s", p["problem_id"], res.error)
+                        rows.append(_error_row(p, res))
                         continue
                     rows.append(grade(p, res, cfg.verify))
                 out.write(rows)
@@ -218,13 +241,12 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
                 progress.update(len(chunk), extra=f"{sum(r['correct'] for r in graded)} correct")
     finally:
         engine.close()
-    failed = [r for r in graded if not r["correct"]]
+    # the wrong list feeds the next SFT round: an engine error says nothing about the model's answer
+    failed = [r for r in graded if not r["correct"] and r["verdict"] != "engine_error"]
     with ShardWriter(ctx.out_dir / FAILED_DIR, FAILED, "failed", resume=False) as w:
         w.write([{"problem_id": r["problem_id"], "round": ctx.round, "verdict": r["verdict"],
                   "pred_answer": r["pred_answer"]} for r in failed])
     m.kept = len(graded)
-    for kind, n in errors.items():
-        m.quarantine(kind, n)
     m.outputs = {"predictions": len(graded), "failed": len(failed)}
     m.metrics.update(
         {
@@ -232,6 +254,8 @@ def run(cfg: EvaluateConfig, ctx: Any) -> Manifest:
             "by_subject": accuracy_table(graded, "subject"),
             "by_difficulty": accuracy_table(graded, "difficulty"),
             "verdicts": dict(Counter(r["verdict"] for r in graded)),
+            # engine errors are in the denominator (as wrong answers) and reported here by kind
+            "engine_errors": dict(errors),
             "model_dir": str(model_dir),
             "engine": cfg.engine,
         }

@@ -96,6 +96,21 @@ def _decode_image(url: str) -> Any:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def _bad_image(messages: list[dict]) -> str | None:
+    """Why an image of these messages does not decode, or None when every one does."""
+    for m in messages:
+        if not isinstance(m.get("content"), list):
+            continue
+        for k, part in enumerate(m["content"]):
+            if part.get("type") != "image_url":
+                continue
+            try:
+                _decode_image(part["image_url"]["url"])
+            except (OSError, ValueError, KeyError, TypeError) as e:  # PIL's UnidentifiedImageError is an OSError
+                return f"image {k} of the {m.get('role')} turn does not decode: {type(e).__name__}: {e}"
+    return None
+
+
 class HFEngine:
     def __init__(self, cfg: HFEngineConfig) -> None:
         import torch
@@ -135,6 +150,10 @@ class HFEngine:
             if not self.cfg.multimodal and any(isinstance(m["content"], list) and any(
                     p.get("type") != "text" for p in m["content"]) for m in r.messages):
                 results[i] = error_result("bad_input", "images sent to a text-only hf engine (set multimodal or text_only)")
+                continue
+            bad = _bad_image(r.messages) if self.cfg.multimodal else None
+            if bad:  # one undecodable figure fails its own row, never the batch or the run
+                results[i] = error_result("bad_image", bad)
             else:
                 ok.append(i)
         # Similar lengths share a batch: less padding.

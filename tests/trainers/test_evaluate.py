@@ -114,3 +114,25 @@ def test_evaluate_reads_the_runs_problems_by_default(taught_student, problems, t
 def test_accuracy_table_groups_unknown():
     rows = [{"subject": "a", "correct": True}, {"subject": "a", "correct": False}, {"subject": None, "correct": True}]
     assert accuracy_table(rows, "subject") == {"a": {"n": 2, "accuracy": 0.5}, "unknown": {"n": 1, "accuracy": 1.0}}
+
+
+def test_engine_errors_count_as_wrong_and_are_reported(tiny_student, problems, tmp_path):
+    """A problem the engine fails on (here: a figure whose bytes are not an image, which the hf engine's
+    processor refuses) stays in the denominator as a wrong answer, with its own verdict and count."""
+    rows = [{k: p.get(k) for k in PROBLEMS.names} for p in problems[:3]]
+    bad = rows[0]["problem_id"]
+    rows[0]["images"] = [{**rows[0]["images"][0], "bytes": b"not an image at all"}]
+    with ShardWriter(tmp_path / "ingest", PROBLEMS, "problems") as w:
+        w.write(rows)
+    m = run(EvaluateConfig(limit=None, max_tokens=8, batch_size=1),
+            _ctx(tmp_path, "evaluate", {"model": [tiny_student], "problems": [tmp_path / "ingest"]}))
+    m.check_counts()
+    preds = {r["problem_id"]: r for r in read_table(tmp_path / "evaluate").to_pylist()}
+    assert m.rows_in == 3 and m.kept == 3 and len(preds) == 3
+    assert preds[bad]["verdict"] == "engine_error" and preds[bad]["correct"] is False
+    assert sum(m.metrics["engine_errors"].values()) == 1
+    assert m.metrics["verdicts"]["engine_error"] == 1
+    assert m.metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in preds.values()) / 3)
+    # the wrong list feeds the next SFT round: an engine failure is not a wrong answer of the model
+    failed = read_table(tmp_path / "evaluate" / FAILED_DIR).column("problem_id").to_pylist()
+    assert bad not in failed
