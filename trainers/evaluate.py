@@ -123,10 +123,17 @@ def grade(problem: dict, result: Any, verify_cfg: VerifyConfig) -> dict:
 
     text = result.text or ""
     if result.finish_reason == "length":
-        verdict, pred = "truncated", None
-    else:
-        v = verify_response(text, problem, verify_cfg)
-        verdict, pred = v.verdict, v.pred_answer
+        return _row(problem, result, text, "truncated", None)
+    v = verify_response(text, problem, verify_cfg)
+    return _row(problem, result, text, v.verdict, v.pred_answer)
+
+
+def _error_row(problem: dict, result: Any) -> dict:
+    """The predictions row of a problem the engine failed on: verdict `engine_error`, not correct."""
+    return _row(problem, result, (result.error or "")[:2000], "engine_error", None)
+
+
+def _row(problem: dict, result: Any, text: str, verdict: str, pred: str | None) -> dict:
     return {
         "problem_id": problem["problem_id"],
         "source": problem.get("source"),
@@ -140,24 +147,6 @@ def grade(problem: dict, result: Any, verify_cfg: VerifyConfig) -> dict:
         "completion_tokens": result.completion_tokens,
         "completion": text,
         "latency_s": result.latency_s,
-    }
-
-
-def _error_row(problem: dict, result: Any) -> dict:
-    """The predictions row of a problem the engine failed on: verdict `engine_error`, not correct."""
-    return {
-        "problem_id": problem["problem_id"],
-        "source": problem.get("source"),
-        "subject": problem.get("subject"),
-        "difficulty": problem.get("difficulty"),
-        "answer": problem.get("answer"),
-        "pred_answer": None,
-        "verdict": "engine_error",
-        "correct": False,
-        "finish_reason": "error",
-        "completion_tokens": getattr(result, "completion_tokens", None),
-        "completion": (result.error or "")[:2000],
-        "latency_s": getattr(result, "latency_s", None),
     }
 
 
