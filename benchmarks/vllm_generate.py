@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,21 +68,11 @@ def _problems(n: int, prompt_words: int) -> list[dict]:
     return rows
 
 
-def _ctx(run_dir: Path, problems_dir: Path):
-    from pipeline.runner import StageContext
-
-    out = run_dir / "generate"
-    out.mkdir(parents=True, exist_ok=True)
-    return StageContext(run_dir=run_dir, step="generate", stage="generate", round=0, out_dir=out,
-                        inputs={"problems": [problems_dir]},
-                        run_config=SimpleNamespace(run=SimpleNamespace(seed=0, root=str(run_dir.parent))),
-                        fingerprint="bench")
-
-
 def bench(args: argparse.Namespace) -> dict:
     import ray
     from vllm import LLM, SamplingParams
 
+    from benchmarks.generate import _ctx  # the same stage context as the hf/openai generate benchmark
     from teachers.engines import VLLMEngineConfig
     from teachers.engines.vllm import _engine_kwargs, _sampling_params, chat_messages
     from teachers.generate import GenerateConfig, build_requests, expand, run

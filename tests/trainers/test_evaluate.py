@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import validate_config
 from pipeline.rundir import ShardWriter, read_table
 from pipeline.runner import StageContext
-from pipeline.schema import PROBLEMS, SFT
+from pipeline.schema import PROBLEMS
 from trainers.evaluate import FAILED_DIR, EvaluateConfig, accuracy_table, messages, run
 
 N = 6
@@ -37,27 +37,10 @@ def _ctx(tmp_path, step: str, inputs: dict) -> StageContext:
 @pytest.fixture(scope="module")
 def taught_student(tiny_student, problems, tmp_path_factory):
     """The tiny student trained on a short answer for problems 0-3 (4 and 5 never seen)."""
-    from filters.curate import assistant_turn, system_prompt, user_turn
-    from trainers.data import make_sft_data
-    from trainers.loop import LoopConfig, LoopData, train_loop
-    from trainers.model import apply_freeze, load_student
+    from tests.trainers.teach import teach_answers
 
-    sys_prompt = system_prompt()
-    rows = []
-    for i, p in enumerate(problems[:4]):
-        msgs = [{"role": "system", "content": sys_prompt}, {"role": "user", "content": user_turn(p)},
-                {"role": "assistant", "content": assistant_turn("ok", f"$\\boxed{{{p['answer']}}}$")}]
-        rows.append({"sample_id": f"s{i}", "problem_id": p["problem_id"], "messages": msgs, "images": p["images"],
-                     "quality": 5.0})
     d = tmp_path_factory.mktemp("taught")
-    with ShardWriter(d / "sft", SFT, "sft") as w:
-        w.write(rows)
-    model, processor = load_student(tiny_student, dtype="float32")
-    apply_freeze(model, "projector_llm")
-    ds, collate = make_sft_data([d / "sft"], processor)
-    cfg = LoopConfig(lr=1e-2, warmup_ratio=0.05, max_steps=80, micro_batch=4, loss_chunk=0, weight_decay=0.0,
-                     gradient_checkpointing=False)
-    res = train_loop(model, LoopData(ds, collate, processor), cfg, d / "train", seed=0)
+    res = teach_answers(tiny_student, problems[:4], d, lr=1e-2, warmup_ratio=0.05, max_steps=80)
     assert res.losses[-1] < 0.05, res.losses[-5:]
     return d / "train"
 

@@ -51,30 +51,11 @@ def eval_problems():
 @pytest.fixture(scope="module")
 def exported(tiny_student, eval_problems, tmp_path_factory) -> Path:
     """The student after a few steps on boxed answers for problems 0-3, exported by the training loop."""
-    from filters.curate import assistant_turn, system_prompt, user_turn
-    from pipeline.rundir import ShardWriter
-    from pipeline.schema import SFT
+    from tests.trainers.teach import teach_answers
     from trainers.assemble import find_checkpoint
-    from trainers.data import make_sft_data
-    from trainers.loop import LoopConfig, LoopData, train_loop
-    from trainers.model import apply_freeze
 
-    sys_prompt = system_prompt()
-    rows = []
-    for i, p in enumerate(eval_problems[:4]):
-        msgs = [{"role": "system", "content": sys_prompt}, {"role": "user", "content": user_turn(p)},
-                {"role": "assistant", "content": assistant_turn("ok", f"$\\boxed{{{p['answer']}}}$")}]
-        rows.append({"sample_id": f"s{i}", "problem_id": p["problem_id"], "messages": msgs, "images": p["images"],
-                     "quality": 5.0})
     d = tmp_path_factory.mktemp("taught")
-    with ShardWriter(d / "sft", SFT, "sft") as w:
-        w.write(rows)
-    model, processor = load_student(tiny_student, dtype="float32")
-    apply_freeze(model, "projector_llm")
-    ds, collate = make_sft_data([d / "sft"], processor)
-    cfg = LoopConfig(lr=1e-3, warmup_ratio=0.0, max_steps=3, micro_batch=4, loss_chunk=0, weight_decay=0.0,
-                     gradient_checkpointing=False)
-    train_loop(model, LoopData(ds, collate, processor), cfg, d / "train", seed=0)
+    teach_answers(tiny_student, eval_problems[:4], d, lr=1e-3, warmup_ratio=0.0, max_steps=3)
     return find_checkpoint(d / "train")
 
 
