@@ -158,7 +158,8 @@ def run_config_class() -> type[BaseModel]:
             "rounds": (RoundsConfig, Field(default_factory=RoundsConfig)),
         }
         for name, spec in STAGES.items():
-            fields[name] = (spec.config_class() | None, None)
+            if spec.section:
+                fields[name] = (spec.config_class() | None, None)
         _RUN_CONFIG_CLS = create_model("RunConfig", __base__=StageConfig, **fields)
     return _RUN_CONFIG_CLS
 

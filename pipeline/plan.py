@@ -14,7 +14,14 @@ has provided yet leaves the role out (round 0 has no retry list), unless it is `
 reading an external chains file) or `required` (then the plan is refused with a PlanError naming the
 section to configure). A phase repeats as often as its `rounds` says, its steps named `stage` in
 round 0 and `stage-<suffix><r>` after (an entry's `name` replaces the stage there); a phase whose `requires` sections are not all configured is
-left out. Adding a phase is adding one `Phase(...)` to `PLAN`.
+left out. An entry with a `config` function takes its stage config from it instead of the stage's own
+section (a stage used with settings another section derives: the align phase assembles the student on
+`align.substitute` and ingests `align.pairs`). Adding a phase is adding one `Phase(...)` to `PLAN`.
+
+Efficient transfer (Skywork R1V), when an `align` section is configured:
+
+    align-data ─pairs→ align ─aligned→ assemble (re-assembly onto the reasoning LLM) ─model→ train ...
+    align-assemble ─substitute↗
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class Step:
     round: int
     inputs: dict[str, list[str]] = field(default_factory=dict)
     phase: str = ""
+    # the stage config from the run config (None: the stage's section with the round's overrides)
+    config: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class Entry:
     consumes: dict[str, Use] = field(default_factory=dict)
     provides: tuple[str, ...] = ()
     name: str | None = None  # the step name in round 0 (default: the stage), for a stage used twice
+    # the stage config derived from the run config, instead of the stage's own section (which then need
+    # not be configured); it may raise PlanError for settings that do not fit together
+    config: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,22 @@ def _needs_model(cfg: Any) -> str | None:
     return "train: configure an `assemble` section or set train.init_from to a student checkpoint"
 
 
+def _align_pairs(cfg: Any) -> Any:
+    return cfg.align.pairs
+
+
+def _align_substitute(cfg: Any) -> Any:
+    from trainers.align import substitute_assembly
+
+    if not _configured(cfg, "assemble"):
+        raise PlanError("align: configure an `assemble` section (the vision encoder, and the reasoning LLM the "
+                        "aligned projector moves to)")
+    try:
+        return substitute_assembly(cfg.align, cfg.assemble)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+
+
 PROBLEMS = Use("problems")
 
 PLAN: tuple[Phase, ...] = (
@@ -106,7 +134,14 @@ PLAN: tuple[Phase, ...] = (
                          "retry": Use("retry")},  # round r > 0: the problems this round attempted
               ("sft", "retry")),
     ), rounds=_self_distill_rounds, suffix="r"),
-    Phase("student", (Entry("assemble", provides=("model",)),), requires=("train",)),
+    # Skywork R1V efficient transfer: the projector aligned alone on the substitute LLM, then (student)
+    # re-assembled onto the reasoning LLM
+    Phase("align", (
+        Entry("pairs", name="align-data", config=_align_pairs, provides=("pairs",)),
+        Entry("assemble", name="align-assemble", config=_align_substitute, provides=("substitute",)),
+        Entry("align", {"sft": Use("pairs"), "model": Use("substitute")}, ("aligned",)),
+    ), requires=("align",)),
+    Phase("student", (Entry("assemble", {"student": Use("aligned")}, ("model",)),), requires=("train",)),
     # Skywork R1V hybrid SFT: the initial SFT, then iterative rounds on tau and the wrongly answered
     Phase("sft", (
         Entry("train", {"sft": Use("sft", all=True, required=_needs_sft),
@@ -135,7 +170,8 @@ def expand(cfg: Any, phases: Sequence[Phase] | None = None) -> list[Step]:
         unknown = [e.stage for e in phase.entries if e.stage not in STAGES]
         if unknown:
             raise PlanError(f"plan phase {phase.name!r} names unregistered stages {unknown} (pipeline/stages.py)")
-        entries = [e for e in phase.entries if _configured(cfg, e.stage)]
+        entries = [e for e in phase.entries
+                   if (e.config(cfg) is not None if e.config is not None else _configured(cfg, e.stage))]
         for r in range(phase.rounds(cfg) if entries else 0):
             for entry in entries:
                 name = step_name(entry.name or entry.stage, phase.suffix, r)
@@ -150,7 +186,7 @@ def expand(cfg: Any, phases: Sequence[Phase] | None = None) -> list[Step]:
                         raise PlanError(msg)
                     elif use.keep_empty:
                         inputs[role] = []
-                steps.append(Step(name, entry.stage, r, inputs, phase.name))
+                steps.append(Step(name, entry.stage, r, inputs, phase.name, entry.config))
                 for ch in entry.provides:
                     provided.setdefault(ch, []).append(name)
     names = [s.name for s in steps]

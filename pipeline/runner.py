@@ -127,6 +127,8 @@ class Runner:
         self._fp: dict[str, str] = {}
 
     def stage_config(self, step: Step) -> Any:
+        if step.config is not None:  # an entry that derives its stage's settings (pipeline.plan.Entry.config)
+            return step.config(self.cfg)
         return stage_config_for_round(self.cfg, step.stage, step.round)
 
     def upstream(self, step: Step) -> list[str]:

@@ -11,6 +11,8 @@ stage's output (a verifier fix, a new id scheme), so finished steps become stale
 names the input whose table rows_in counts; the runner records how rows_in follows from those input
 steps' manifests (Manifest.inputs).
 Which steps a config expands to, and what each consumes, is declared in pipeline/plan.py (PLAN).
+A stage with `section=False` has no top-level config section: plan entries derive its settings from
+another section (`pairs` reads `align.pairs`).
 Stage modules import only light modules at the top; torch, transformers and vLLM load inside `run`.
 """
 
@@ -25,6 +27,7 @@ from types import ModuleType
 class StageSpec:
     module: str
     config: str
+    section: bool = True  # the run config has a top-level section of this name
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -41,6 +44,8 @@ STAGES: dict[str, StageSpec] = {
     "generate": StageSpec("teachers.generate", "GenerateConfig"),
     "filter": StageSpec("filters.filter", "FilterConfig"),
     "curate": StageSpec("filters.curate", "CurateConfig"),
+    "pairs": StageSpec("pipeline.pairs", "PairsConfig", section=False),
+    "align": StageSpec("trainers.align", "AlignConfig"),
     "assemble": StageSpec("trainers.assemble", "AssembleConfig"),
     "train": StageSpec("trainers.train", "TrainConfig"),
     "evaluate": StageSpec("trainers.evaluate", "EvaluateConfig"),

@@ -38,7 +38,10 @@ DEMO_STEPS = {
     "generate-r2": {"problems": ["caption"], "retry": ["curate-r1"]},
     "filter-r2": {"chains": ["generate-r2"], "problems": ["caption"]},
     "curate-r2": {"chains": ["filter-r2"], "problems": ["caption"], "retry": ["curate-r1"]},
-    "assemble": {},
+    "align-data": {},
+    "align-assemble": {},
+    "align": {"sft": ["align-data"], "model": ["align-assemble"]},
+    "assemble": {"student": ["align"]},
     "train": {"sft": ["curate", "curate-r1", "curate-r2"], "model": ["assemble"]},
     "evaluate": {"model": ["train"], "problems": ["caption"]},
     "train-t1": {"sft": ["curate", "curate-r1", "curate-r2"], "model": ["train"], "wrong": ["evaluate"]},
@@ -63,13 +66,17 @@ def test_demo_plan_lists_every_step_with_its_inputs(tmp_path, capsys):
     got = _plan_json(capsys, f"run.root={tmp_path}")
     assert [s["step"] for s in got["steps"]] == list(DEMO_STEPS)
     assert {s["step"]: s["inputs"] for s in got["steps"]} == DEMO_STEPS
-    assert {s["status"] for s in got["steps"]} == {"missing"} and got["counts"]["missing"] == 20
+    assert {s["status"] for s in got["steps"]} == {"missing"} and got["counts"]["missing"] == 23
     assert got["run_dir"] == str(tmp_path / "demo")
     runner = runner_mod.Runner(load_config(DEMO, [f"run.root={tmp_path}"]))
     assert [s["fingerprint"] for s in got["steps"]] == [runner.fingerprint(s) for s in runner.steps]
     phases = {s["step"]: s["phase"] for s in got["steps"]}
-    assert [phases[n] for n in ("ingest", "caption", "generate", "curate-r2", "assemble", "train", "evaluate-t2")] == [
-        "prepare", "prepare", "distill", "distill", "student", "sft", "sft"]
+    assert [phases[n] for n in ("ingest", "caption", "generate", "curate-r2", "align-data", "align", "assemble", "train",
+                                "evaluate-t2")] == [
+        "prepare", "prepare", "distill", "distill", "align", "align", "student", "sft", "sft"]
+    stages = {s["step"]: s["stage"] for s in got["steps"]}
+    assert [stages[n] for n in ("align-data", "align-assemble", "align", "assemble")] == [
+        "pairs", "assemble", "align", "assemble"]
 
     # The table a person reads: every step on its own row, with its inputs and a short fingerprint.
     assert cli.main(["plan", DEMO, f"run.root={tmp_path}"]) == 0
@@ -78,7 +85,7 @@ def test_demo_plan_lists_every_step_with_its_inputs(tmp_path, capsys):
     for s in got["steps"]:
         cells = rows[s["step"]]
         assert cells[4].strip() == s["fingerprint"][:10] and cells[5].strip() == "missing"
-    assert "train-t1" in out and "wrong <- evaluate" in out and "20 steps: 0 done, 0 stale, 20 missing" in out
+    assert "train-t1" in out and "wrong <- evaluate" in out and "23 steps: 0 done, 0 stale, 23 missing" in out
 
 
 class _ReadLog(dict):
