@@ -141,8 +141,11 @@ def to_pair(row: dict, src: PairSourceConfig, ref: str, base: Path | None, check
     from filters.curate import user_turn
 
     c = src.column_map()
+    value = row.get(c.images)
+    if value is None or (isinstance(value, (str, bytes, bytearray, list, tuple)) and len(value) == 0):
+        raise RowError("missing_image", f"{ref}: no image in column {c.images!r}")
     try:
-        images = _load_images(row.get(c.images), base, ref, check)
+        images = _load_images(value, base, ref, check)
     except RowError as e:
         if e.reason == "corrupt_image":
             raise RowError("unreadable_image", e.error) from e
