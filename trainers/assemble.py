@@ -5,9 +5,11 @@
 Config: trainers.model.AssembleConfig. Three uses, one stage:
 - assemble: vision_path + llm_path (Skywork R1V: the *substitute* instruct LLM) -> fresh projector;
 - re-assemble: the projector (and encoder) of an aligned student, from `reassemble_from` or from the
-  step given as input role "student" (a train step: its exported `model/`), onto llm_path (the
-  reasoning LLM); a mismatch in architecture, hidden size or vocabulary fails before any weights load;
-- init: tiny_random builds tiny checkpoints in `<step>/tiny/` first (offline demos and tests only).
+  step given as input role "student" (in the plan: the `align` step, when an `align` section is
+  configured: its exported `model/`), onto llm_path (the reasoning LLM); a mismatch in architecture,
+  hidden size or vocabulary fails before any weights load;
+- init: tiny_random builds tiny checkpoints in `<step>/tiny/` first (offline demos and tests only); the
+  plan's `align-assemble` step builds its substitute student so with `align.substitute.seed`.
 
 No table is written (TABLES is empty); the manifest records the layout, parameter counts and the image
 tokens per image. `student_path(step_dir)` is where downstream steps find the checkpoint.
