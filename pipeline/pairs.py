@@ -42,6 +42,7 @@ from pipeline.ingest import (
     _load_images,
     _quarantine_row,
     normalise_answer,
+    normalise_choices,
 )
 from pipeline.ingest import fingerprint_extra as _source_stamps
 from pipeline.progress import track
@@ -63,10 +64,11 @@ class PairColumns(StageConfig):
     caption: str | None = Field("caption", description="the caption (the assistant answer of a caption row)")
     question: str | None = Field("question", description="VQA: the question (the user turn)")
     answer: str | None = Field("answer", description="VQA: the short answer (the assistant answer)")
+    choices: str | None = Field(None, description="VQA: option texts, listed after the question as (A) ... (optional)")
 
 
 # The synthetic generator's rows: its figures with their questions and gold answers (VQA pairs).
-_SYNTHETIC_COLUMNS = PairColumns(images="images", caption=None, question="question", answer="answer")
+_SYNTHETIC_COLUMNS = PairColumns(images="images", caption=None, question="question", answer="answer", choices="choices")
 
 
 class PairSourceConfig(StageConfig):
@@ -162,7 +164,7 @@ def to_pair(row: dict, src: PairSourceConfig, ref: str, base: Path | None, check
     else:
         cols = " or ".join(repr(k) for k in (c.caption, c.answer if c.question else None) if k)
         raise RowError("empty_caption", f"{ref}: no caption text in column {cols or '(none configured)'}")
-    choices = row.get("choices") if src.kind == "synthetic" else None
+    choices = normalise_choices(row.get(c.choices)) if kind == "vqa" and c.choices else None
     user = user_turn({"question": prompt, "images": images, "choices": choices})
     sid = stable_hash(user, [stable_hash(im["bytes"]) for im in images], target)
     return {

@@ -124,6 +124,14 @@ def test_align_settings_that_do_not_fit_are_refused_by_the_plan(tmp_path, overri
         expand(load_config(REPO / DEMO, [f"run.root={tmp_path}", *override]))
 
 
+def test_validate_names_a_missing_pairs_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    missing = tmp_path / "captions.jsonl"
+    assert cli.main(["validate", DEMO, f"run.root={tmp_path}", "align.pairs.sources.0.kind=jsonl",
+                     "align.pairs.sources.0.synthetic=null", f"align.pairs.sources.0.path={missing}"]) == 1
+    assert f"align.pairs.sources.0.path: file not found: {missing}" in capsys.readouterr().err
+
+
 def test_a_reasoning_llm_of_another_hidden_size_is_refused(run, tmp_path):
     """Real checkpoints: the substitute has hidden size 64, the reasoning LLM 96. Alignment stops before
     training; after an alignment onto a fitting LLM, re-assembly onto the other one fails the same way."""

@@ -174,18 +174,22 @@ def test_mathv_figures_as_vqa_pairs(mathv_dir, tmp_path, tiny_student):
     from trainers.data import SFTDataset
     from trainers.model import load_student
 
-    cols = {"id": "id", "images": "image_path", "caption": None, "question": "problem", "answer": "gold_answer"}
+    cols = {"id": "id", "images": "image_path", "caption": None, "question": "problem", "answer": "gold_answer",
+            "choices": "options"}
     m, rows, _ = _run(tmp_path, [{"kind": "jsonl", "path": str(mathv_dir / "testmini.jsonl"), "columns": cols,
                                   "limit": 24}], image_check="full")
     assert m.rows_in == 24 and m.kept + sum(m.quarantined.values()) + sum(m.dropped.values()) == 24
     assert m.kept >= 20 and m.metrics["vqa_rows"] == m.kept
     src = [json.loads(x) for x in (mathv_dir / "testmini.jsonl").read_text().splitlines()[:24]]
     golds = {normalise_answer(s["gold_answer"]) for s in src}
+    options = {o for s in src for o in (s["options"] or [])}
     for r in rows:
         user, assistant = r["messages"]
         assert user["content"].count("<image>") == 1 and "<image1>" not in user["content"]
         assert assistant["content"] in golds
         assert r["images"][0]["width"] > 0
+        if assistant["content"] in ("A", "B", "C", "D", "E"):  # a multiple-choice gold: its options are in the question
+            assert "(A)" in user["content"] and any(o in user["content"] for o in options)
     _, processor = load_student(tiny_student, dtype="float32")
     ds = SFTDataset(tmp_path / "run" / "align-data", processor)
     assert len(ds) == len(rows) and not ds.dropped
