@@ -108,9 +108,6 @@ def _align_pairs(cfg: Any) -> Any:
 def _align_substitute(cfg: Any) -> Any:
     from trainers.align import substitute_assembly
 
-    if not _configured(cfg, "assemble"):
-        raise PlanError("align: configure an `assemble` section (the vision encoder, and the reasoning LLM the "
-                        "aligned projector moves to)")
     try:
         return substitute_assembly(cfg.align, cfg.assemble)
     except ValueError as e:
@@ -135,12 +132,12 @@ PLAN: tuple[Phase, ...] = (
               ("sft", "retry")),
     ), rounds=_self_distill_rounds, suffix="r"),
     # Skywork R1V efficient transfer: the projector aligned alone on the substitute LLM, then (student)
-    # re-assembled onto the reasoning LLM
+    # re-assembled onto the reasoning LLM; the substitute student is the `assemble` section's, other LLM
     Phase("align", (
         Entry("pairs", name="align-data", config=_align_pairs, provides=("pairs",)),
         Entry("assemble", name="align-assemble", config=_align_substitute, provides=("substitute",)),
         Entry("align", {"sft": Use("pairs"), "model": Use("substitute")}, ("aligned",)),
-    ), requires=("align",)),
+    ), requires=("align", "assemble")),
     Phase("student", (Entry("assemble", {"student": Use("aligned")}, ("model",)),), requires=("train",)),
     # Skywork R1V hybrid SFT: the initial SFT, then iterative rounds on tau and the wrongly answered
     Phase("sft", (

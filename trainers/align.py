@@ -5,8 +5,8 @@
 Skywork R1V's efficient multimodal transfer: the vision encoder and an MLP projector are first aligned to
 a substitute LLM (an instruct model of the reasoning LLM's architecture and hidden size), with everything
 but the projector frozen, on caption / VQA-style pairs; the aligned encoder + projector then move to the
-reasoning LLM, and SFT goes on from there. An `align` section turns on the `align` phase of
-pipeline.plan.PLAN:
+reasoning LLM, and SFT goes on from there. An `align` section (beside the `assemble` section, which
+names the encoder and the reasoning LLM) turns on the `align` phase of pipeline.plan.PLAN:
 
     align-data      (stage pairs: align.pairs -> SFT rows, bad rows counted by reason; pipeline/pairs.py)
     align-assemble  (stage assemble: the assemble section with the substitute LLM of align.substitute)

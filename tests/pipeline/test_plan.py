@@ -187,7 +187,7 @@ def test_every_registered_stage_has_a_place_in_the_plan():
 
 
 def test_plan_refusals_are_typed(tmp_path):
-    cfg = load_config(DEMO, [f"run.root={tmp_path}", "assemble=null", "align=null"])
+    cfg = load_config(DEMO, [f"run.root={tmp_path}", "assemble=null"])
     with pytest.raises(PlanError, match="train.init_from"):
         expand(cfg)
     cfg = load_config(DEMO, [f"run.root={tmp_path}", "generate=null", "filter=null", "rounds.overrides=[]"])

@@ -112,12 +112,15 @@ def test_without_an_align_section_assemble_has_no_inputs(tmp_path):
     steps = expand(load_config(REPO / DEMO, [f"run.root={tmp_path}", "align=null"]))
     assert not any(s.phase == "align" for s in steps)
     assert next(s for s in steps if s.name == "assemble").inputs == {}
+    # without an assemble section (a data-only run) there is no student to align: the phase is left out
+    steps = expand(load_config(REPO / DEMO, [f"run.root={tmp_path}", "assemble=null", "train=null", "evaluate=null"]))
+    assert steps[-1].name == "curate-r2" and not any(s.phase == "align" for s in steps)
 
 
 @pytest.mark.parametrize("override, message", [
     (["align.substitute.seed=0"], "that builds the reasoning LLM itself"),
     (["align.substitute.seed=null"], "align.substitute.seed: required"),
-    (["assemble=null", "train=null", "evaluate=null"], "align: configure an `assemble` section"),
+    (["assemble.reassemble_from=/some/student"], "leave assemble.reassemble_from unset"),
 ])
 def test_align_settings_that_do_not_fit_are_refused_by_the_plan(tmp_path, override, message):
     with pytest.raises(PlanError, match=message):
