@@ -224,9 +224,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from filters.report import write_report
-
-    from filters.report import load_run
+    from filters.report import load_run, write_report
     from filters.report_train import phase_table_text
 
     run_dir = _run_dir(args.run_dir)
