@@ -211,3 +211,17 @@ def test_a_template_that_ignores_content_is_refused(tiny_ckpts, tmp_path):
     llm = build_tiny_llm(tmp_path / "llm", chat_template="{{ 'hello' }}")
     with pytest.raises(TemplateError, match="neither string nor text-part content"):
         assemble_student(AssembleConfig(vision_path=str(tiny_ckpts["vision"]), llm_path=str(llm)), tmp_path / "s")
+
+
+def test_training_from_a_checkpoint_fingerprints_its_template(tmp_path):
+    """Without an assemble step (train.init_from), the checkpoint's saved template joins train's fingerprint."""
+    from trainers.train import TrainConfig, fingerprint_extra
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
+    cfg = TrainConfig(init_from=str(ck))
+    before = fingerprint_extra(cfg)["chat_template"]
+    (ck / "chat_template.jinja").write_text(LLAMA3)
+    assert fingerprint_extra(cfg)["chat_template"] != before
