@@ -225,3 +225,25 @@ def test_training_from_a_checkpoint_fingerprints_its_template(tmp_path):
     before = fingerprint_extra(cfg)["chat_template"]
     (ck / "chat_template.jinja").write_text(LLAMA3)
     assert fingerprint_extra(cfg)["chat_template"] != before
+
+
+def test_history_turns_and_a_template_that_drops_the_answer(tmp_path):
+    """Earlier assistant turns are trained where the template renders history as a prefix of the prompt;
+    a template that never writes the assistant's content cannot train anything: the row is refused."""
+    from trainers.chat import conversation
+    from trainers.tiny import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok")
+
+    def render(m, g):
+        return tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>r</think>d"}]
+    text, turns, thinks = conversation(render, msgs)
+    assert [text[a:b] for a, b in turns] == ["b<|im_end|>", "<think>r</think>d<|im_end|>"]
+    assert [text[a:b] for a, b in thinks] == ["<think>r</think>"]
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ValueError, match="drops the assistant turn's content"):
+        conversation(render, msgs[:2])
