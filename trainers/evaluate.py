@@ -260,21 +260,25 @@ def _pool(ctx: Any) -> pa.Table | None:
 
 def held_out(cfg: HeldOutConfig, pool: pa.Table | None, salt: Any, m: Manifest) -> tuple[list[dict], dict]:
     """The clean held-out problems, and what was removed: eval rows a training problem matches are dropped
-    (`contaminated`, with the match), unreadable rows quarantined, rows past `limit` dropped (`not_sampled`);
-    every read row is counted in `m.rows_in`."""
+    (`contaminated`, with the match), unreadable rows quarantined, repeats and rows past `limit` dropped
+    (`duplicate`, `not_sampled`); every read row is counted in `m.rows_in`."""
     from filters.decontaminate import contaminated_items, image_hashes
     from pipeline.ingest import load_sources
 
-    rows, unreadable = [], 0
+    rows, unreadable, repeated = [], 0, 0
     for kind, row in load_sources(cfg.sources):
         if kind == "problem":
             rows.append(row)
         elif kind == "quarantine":
             unreadable += 1
             log.warning("evaluate: eval set %s: unreadable row %s (%s)", cfg.label(), row.get("source_ref"), row.get("error"))
-    m.rows_in += len(rows) + unreadable
+        else:  # the same problem twice in the eval set: scored once
+            repeated += 1
+    m.rows_in += len(rows) + unreadable + repeated
     if unreadable:
         m.quarantine("eval_row_unreadable", unreadable)
+    if repeated:
+        m.drop("duplicate", repeated)
     matches: list[dict] = []
     checked = cfg.decontaminate and pool is not None
     if checked:
