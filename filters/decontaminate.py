@@ -89,10 +89,9 @@ class EvalSetConfig(StageConfig):
         return Path(self.path).name if self.path else self.source.label()
 
 
-class DecontaminateConfig(StageConfig):
-    eval_sets: list[EvalSetConfig] = Field(
-        default_factory=list, description="evaluation sets whose questions must not appear in the training pool"
-    )
+class MatchConfig(StageConfig):
+    """How a problem is matched against an evaluation item (shared by this stage and evaluate's held-out check)."""
+
     ngram: int = Field(8, ge=2, le=50, description="word n-gram length used for overlap")
     threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="drop when |shared n-grams| / min(|A|,|B|) reaches this value"
@@ -110,6 +109,12 @@ class DecontaminateConfig(StageConfig):
     )
     image_hash_distance: int = Field(
         24, ge=0, le=256, description="perceptual mode: max Hamming distance (of 256 bits) between two figures' hashes"
+    )
+
+
+class DecontaminateConfig(MatchConfig):
+    eval_sets: list[EvalSetConfig] = Field(
+        default_factory=list, description="evaluation sets whose questions must not appear in the training pool"
     )
 
     @field_validator("eval_sets")
@@ -283,7 +288,7 @@ def image_hashes(images: list[dict] | None, mode: str) -> list[int]:
     return out
 
 
-def images_match(a: list[int], b: list[int], cfg: DecontaminateConfig) -> bool:
+def images_match(a: list[int], b: list[int], cfg: MatchConfig) -> bool:
     if cfg.image_match == "exact":
         return bool(set(a) & set(b))
     return any(hash_distance(x, y) <= cfg.image_hash_distance for x in a for y in b)
@@ -343,7 +348,7 @@ def load_eval_items(
     return items, skipped
 
 
-def _contaminating(index: EvalIndex, question: str, images: list | None, cfg: DecontaminateConfig):
+def _contaminating(index: EvalIndex, question: str, images: list | None, cfg: MatchConfig):
     """The best eval match that counts (text overlap, and an image match where both sides have images)."""
     found = index.matches(question, cfg.threshold)
     if not found or not cfg.image_aware:
@@ -358,6 +363,36 @@ def _contaminating(index: EvalIndex, question: str, images: list | None, cfg: De
         if not mine or images_match(mine, theirs, cfg):
             return i, overlap
     return None
+
+
+def contaminated_items(items: list[tuple], pool: Any, cfg: MatchConfig) -> dict[int, tuple[str, float]]:
+    """The eval items some pool problem contaminates, by this stage's rule (a pool problem matching an
+    item: text overlap, and an image match where both sides have images): {item index: (problem_id,
+    overlap)} with the best match per item. `items` as load_eval_items gives them (hashes computed with
+    `cfg.image_match`); `pool` a table with problem_id, question and (optionally) images. Images of the
+    pool are decoded only for problems whose text matches."""
+    if not items:
+        return {}
+    index = EvalIndex(items, cfg.ngram, cfg.min_words)
+    ids = pool.column("problem_id").to_pylist()
+    questions = pool.column("question").to_pylist()
+    has_images = "images" in pool.column_names
+    hits: dict[int, tuple[str, float]] = {}
+    for row, (pid, q) in enumerate(zip(ids, questions, strict=True)):
+        found = index.matches(q, cfg.threshold)
+        if not found:
+            continue
+        mine: list[int] | None = None
+        for i, overlap in found:
+            theirs = index.items[i][3]
+            if cfg.image_aware and theirs and has_images:
+                if mine is None:
+                    mine = image_hashes(pool.column("images")[row].as_py(), cfg.image_match)
+                if mine and not images_match(mine, theirs, cfg):
+                    continue
+            if i not in hits or overlap > hits[i][1]:
+                hits[i] = (pid, overlap)
+    return hits
 
 
 def run(cfg: DecontaminateConfig, ctx) -> Manifest:

@@ -82,8 +82,63 @@ def section_training(d: RunData, out_dir: Path) -> Section:
 
 
 def _phase(m) -> str:
-    model = m.metrics.get("model_dir")
-    return f"{m.step} (model of {Path(model).parent.name})" if model else m.step
+    model = m.metrics.get("model_step") or (Path(m.metrics["model_dir"]).parent.name if m.metrics.get("model_dir") else None)
+    return f"{m.step} (model of {model})" if model else m.step
+
+
+def step_phases(run_dir: Path) -> dict[str, str]:
+    """{step: phase of the run's plan} (from its config.yaml), {} when that does not load."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import plan
+
+    try:
+        return {s.name: s.phase for s in plan(load_config(run_dir / "config.yaml"))}
+    except (ConfigError, ValueError, OSError, ImportError):
+        return {}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def phase_rows(d: RunData) -> list[dict]:
+    """One row per evaluate step, in plan order: the student of each phase / round on the same set."""
+    phases = step_phases(d.run_dir)
+    rows = []
+    for m in d.steps("evaluate"):
+        if "accuracy" not in m.metrics:
+            continue
+        x, h, t = m.metrics, m.metrics.get("heldout") or {}, m.metrics.get("train") or {}
+        rows.append({
+            "phase": phases.get(m.step, "–"), "round": m.round, "step": _phase(m),
+            "set": x.get("eval_set") or ("training problems" if x.get("headline") == "train" else "–"),
+            "problems": h.get("problems", m.kept) if x.get("eval_set") else (t.get("problems") or m.kept),
+            "k": x.get("samples", 1), "pass1": x.get("pass1", x["accuracy"]), "majority": x.get("majority"),
+            "pass_k": x.get("pass_k"), "engine_errors": sum((x.get("engine_errors") or {}).values()),
+            "contaminated": h.get("contaminated", 0) if x.get("eval_set") else None,
+            "train_acc": t.get("accuracy"), "train_n": t.get("problems"), "wrong": t.get("wrong"),
+        })
+    return rows
+
+
+PHASE_HEADER = ["phase", "round", "step", "eval set", "problems", "k", "pass@1", "maj@k", "pass@k",
+                "engine errors", "contaminated (left out)", "training-sample accuracy", "wrong listed"]
+
+
+def phase_cells(r: dict) -> list:
+    train = "–" if r["train_acc"] is None else f"{r['train_acc']:.3f} (n={r['train_n']})"
+    return [r["phase"], r["round"], r["step"], r["set"], r["problems"], r["k"], _pct(r["pass1"]), _pct(r["majority"]),
+            _pct(r["pass_k"]), r["engine_errors"], "–" if r["contaminated"] is None else r["contaminated"], train,
+            "–" if r["wrong"] is None else r["wrong"]]
+
+
+def phase_table_text(d: RunData) -> str:
+    """The per-phase table as plain text (for the terminal)."""
+    rows = [PHASE_HEADER] + [[str(c) for c in phase_cells(r)] for r in phase_rows(d)]
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(PHASE_HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def section_evaluation(d: RunData, out_dir: Path) -> Section:
@@ -91,8 +146,14 @@ def section_evaluation(d: RunData, out_dir: Path) -> Section:
     evals = [m for m in d.steps("evaluate") if "accuracy" in m.metrics]
     if not evals:
         return missing(sec, "no evaluate step in this run")
-    rows = [[_phase(m), m.kept, m.metrics["accuracy"], m.metrics.get("verdicts", {}), m.quarantined] for m in evals]
-    sec.body = table(["phase", "problems answered", "accuracy", "verdicts", "engine errors"], rows)
+    sec.body = ("<p>The student of every phase and round on the same held-out set: pass@1 over k sampled answers, "
+                "majority vote over them (answers grouped by the verifier's equivalence) and pass@k; engine "
+                "errors count as wrong answers. Eval problems a training problem matches are left out. The "
+                "training-sample accuracy is the greedy pass over training problems that feeds the next "
+                "round's wrong list.</p>"
+                + table(PHASE_HEADER, [phase_cells(r) for r in phase_rows(d)]))
+    sec.body += table(["step", "problems answered", "verdicts"],
+                      [[_phase(m), m.kept, m.metrics.get("verdicts", {})] for m in evals])
     for key, label in (("by_subject", "subject"), ("by_difficulty", "difficulty")):
         cats = sorted({c for m in evals for c in m.metrics.get(key, {})}, key=lambda c: (len(c), c))
         if cats:

@@ -567,6 +567,13 @@ def _close_shared_pool() -> None:
         _POOL.close()
 
 
+def check_shared(items: list[tuple], cfg: VerifyConfig) -> list[tuple[str, str, float, str | None]]:
+    """check_many through the process-wide pool (serialised: its workers are not re-entrant)."""
+    pool = shared_pool(cfg)
+    with _POOL_LOCK:
+        return check_many(items, cfg, pool)
+
+
 def verify_response(response: str, problem: dict, cfg: VerifyConfig | None = None, pool: Any = None) -> VerifyResult:
     """Verify one model output against `problem` (`answer`, `answer_type`, optional `choices`).
 

@@ -224,10 +224,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from filters.report import write_report
+    from filters.report import load_run, write_report
+    from filters.report_train import phase_table_text
 
     run_dir = _run_dir(args.run_dir)
     path = write_report(run_dir, out_dir=Path(args.out) if args.out else None)
+    phases = phase_table_text(load_run(run_dir))
+    if phases:  # the figure a user looks for first: each phase's student on the held-out set
+        print("evaluation per phase:\n" + phases)
     print(path.resolve())
     return 0
 

@@ -180,6 +180,10 @@ def validate_config(raw: dict, source: str = "<config>") -> Any:
             if base is None:
                 problems.append(f"rounds.overrides.{r}.{stage}: the section {stage!r} is not configured")
                 continue
+            if stage == "evaluate" and "eval_set" in section:
+                problems.append(f"rounds.overrides.{r}.evaluate.eval_set: the held-out set is the same for every "
+                                "phase and round (set it in the evaluate section)")
+                continue
             try:
                 type(base).model_validate(deep_merge(base.model_dump(), section))
             except ValidationError as e:

@@ -65,13 +65,15 @@ def _path_stats(path: str | None) -> dict[str, Any] | None:
 
 
 def fingerprint_extra(cfg: AssembleConfig) -> dict:
-    """Checkpoint stamps, and the chat template the student is saved with (by content)."""
-    from pipeline.rundir import stable_hash
-    from trainers.model import TEMPLATES
+    """Checkpoint stamps, and the chat template the student is saved with, by content: the template file,
+    or the LLM's own template (tiny_random: the one trainers.tiny gives its LLM) and the code wrapping it."""
+    from trainers.chat import template_fingerprint
+    from trainers.tiny import TINY_CHAT_TEMPLATE
 
-    tpl = TEMPLATES / f"{cfg.chat_template}.jinja"
+    tiny = TINY_CHAT_TEMPLATE if cfg.init == "tiny_random" else None
     return {"vision": _path_stats(cfg.vision_path), "llm": _path_stats(cfg.llm_path),
-            "from": _path_stats(cfg.reassemble_from), "chat_template": stable_hash(tpl.read_bytes()) if tpl.is_file() else None}
+            "from": _path_stats(cfg.reassemble_from),
+            "chat_template": template_fingerprint(cfg.chat_template, cfg.llm_path, tiny)}
 
 
 def _count(model, key: str) -> int:

@@ -6,10 +6,13 @@
 
 Rows follow pipeline.schema.SFT: `messages` [system, user, assistant] with one literal `<image>` per image in
 the user turn, `images` as stored bytes. Per sample:
-- the processor's chat template renders the conversation; each `<image>` becomes the processor's own
+- the processor's chat template (the reasoning LLM's own, trainers/chat.py) renders the conversation: the
+  prompt exactly as at inference, then the assistant turn; each `<image>` becomes the processor's own
   expansion (`replace_image_token`: 16 image tokens for the tiny SigLIP, `<img>` + 256 x tiles +
   `</img>` for InternVL), so training sees exactly what `processor(...)` produces at inference;
-- `labels` = token ids inside assistant turns (content and end-of-turn token), -100 elsewhere;
+- `labels` = token ids inside the assistant turn (content and end-of-turn token), -100 elsewhere; the
+  span is found by rendering with and without the assistant turn (trainers.chat.conversation), so any
+  template's markup is masked correctly;
   `loss_weights` = 1.0 on assistant tokens, `think_weight` inside `<think>...</think>`, 0 elsewhere.
   Both are aligned with `input_ids` (weight i belongs to predicting token i; the loss shifts);
 - `pixel_values` from the image processor (dynamic tiling where it tiles: `max_tiles`), decoded from the
@@ -149,32 +152,25 @@ class _Encoder:
             return []
         return [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
 
-    def spans(self, messages: list[dict], full: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Character spans of assistant turns (content + end-of-turn) and of their think blocks."""
-        turns, thinks = [], []
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:k], generation_prompt=True)
-            # The usual row ends with its only assistant turn: then `full` is already that render.
-            upto = full if k == len(messages) - 1 else self.render(messages[: k + 1])
-            if not (full.startswith(upto) and upto.startswith(prefix)):
-                raise DataError("chat template is not prefix-stable: cannot locate the assistant turn")
-            # The newline after the end-of-turn token is never generated: no loss on it.
-            start, end = len(prefix), len(upto.rstrip("\n"))
-            turns.append((start, end))
-            t0 = full.find(THINK_OPEN, start, end)
-            if t0 >= 0:
-                t1 = full.find(THINK_CLOSE, t0, end)
-                thinks.append((t0, end if t1 < 0 else t1 + len(THINK_CLOSE)))
-        return turns, thinks
+    def conversation(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """The row's text through the student's chat template, with the character spans of its trained
+        assistant turn(s) and of their think blocks (trainers.chat.conversation: robust to templates that
+        rewrite the assistant turn or pre-fill the generation prompt)."""
+        from trainers.chat import conversation
+
+        try:
+            return conversation(self.render, messages)
+        except ValueError as e:
+            raise DataError(str(e)) from e
 
     def encode(self, messages: list[dict], images: list[Any], generation_prompt: bool = False) -> dict:
         """input_ids / labels / loss_weights / pixel_values of one conversation (`images`: PIL)."""
         import torch
 
-        full = self.render(messages, generation_prompt)
-        turns, thinks = self.spans(messages, full) if not generation_prompt else ([], [])
+        if generation_prompt:
+            full, turns, thinks = self.render(messages, True), [], []
+        else:
+            full, turns, thinks = self.conversation(messages)
         pieces = full.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(images):
             raise DataError(f"{len(pieces) - 1} image placeholders but {len(images)} images")
@@ -272,8 +268,8 @@ class SFTDataset(Sequence):
                 self._drop("empty_message", r)
                 continue
             try:
-                full = self.enc.render(msgs)
-            except TemplateError as e:
+                full = self.enc.conversation(msgs)[0]
+            except (TemplateError, DataError) as e:
                 log.warning("SFT sample %r: chat template failed: %s", self.sample_ids[r], e)
                 self._drop("template_error", r)
                 continue

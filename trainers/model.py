@@ -35,11 +35,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
+from trainers.chat import TEMPLATES, read_template, student_template  # noqa: F401  (part of this module's API)
 from trainers.tiny import build_tiny_checkpoints  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).parent / "templates"
 IMAGE_PLACEHOLDER = "<image>"  # the literal placeholder in SFT user turns (one per image)
 ASSEMBLY_FILE = "r1v_assembly.json"
 PROJECTOR_KEY = "multi_modal_projector"
@@ -77,7 +77,12 @@ class AssembleConfig(StageConfig):
     )
     image_size: int | None = Field(None, description="if set, must equal the encoder's input size (checked)")
     vision_feature_layer: int = Field(-1, description="encoder hidden layer fed to the projector")
-    chat_template: str = Field("chatml_think", description="template file in trainers/templates (without .jinja)")
+    chat_template: str = Field(
+        "auto",
+        description="auto: the LLM tokenizer's own chat template, made to take images (ChatML with <think> when "
+        "it has none); llm: the same, an error without one; else a template in trainers/templates (without "
+        ".jinja) or a path to a .jinja file (trainers/chat.py)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the checkpoint is saved in (bf16 for real GPU runs; fp32 for CPU tests)"
     )
@@ -122,14 +127,6 @@ def torch_dtype(dtype: Any):
     if isinstance(dtype, torch.dtype):
         return dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
-
-
-def read_template(name: str, image_token: str) -> str:
-    path = TEMPLATES / f"{name}.jinja"
-    if not path.exists():
-        known = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
-        raise FileNotFoundError(f"chat template {name!r}: no {path} (known: {known})")
-    return path.read_text().replace("@@IMAGE@@", image_token)
 
 
 def _check_dir(path: str | Path, what: str) -> Path:
@@ -337,7 +334,7 @@ def assemble_student(cfg: AssembleConfig, out_dir: str | Path, tiny_dir: str | P
         paths = build_tiny_checkpoints(Path(tiny_dir or out_dir.parent / "tiny"), cfg.seed)
         vision_path, llm_path = str(paths["vision"]), str(paths["llm"])
     if cfg.reassemble_from:
-        return reassemble(cfg.reassemble_from, llm_path, out_dir)
+        return reassemble(cfg.reassemble_from, llm_path, out_dir, chat_template=cfg.chat_template)
     model, processor, record = build_student(cfg.model_copy(update={"vision_path": vision_path, "llm_path": llm_path}))
     return _save(model, processor, out_dir, record)
 
@@ -369,7 +366,7 @@ def build_student(cfg: AssembleConfig):
     config, strategy = _make_config(layout, vcfg, tcfg, 0, cfg)
     ratio = getattr(config, "downsample_ratio", 1.0)
     image_token = IMAGE_PLACEHOLDER if layout == "llava" else "<IMG_CONTEXT>"
-    template = read_template(cfg.chat_template, image_token)
+    template, template_from = student_template(tokenizer, image_token, cfg.chat_template)
     processor = _build_processor(layout, image_processor, tokenizer, vcfg, ratio, template, strategy)
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
     source_rows = llm.get_input_embeddings().weight.shape[0]
@@ -386,7 +383,7 @@ def build_student(cfg: AssembleConfig):
         "llm_model_type": tcfg.model_type,
         "llm_hidden_size": tcfg.hidden_size,
         "source_vocab_rows": source_rows,
-        "chat_template": cfg.chat_template,
+        "chat_template": template_from,
         "image_token": image_token,
         "assemble_config": cfg.model_dump(mode="json"),
         "history": [{"op": "assemble", "llm_path": str(lpath)}],
@@ -440,12 +437,14 @@ def check_llm_fits(student_dir: str | Path, llm_dir: str | Path) -> dict:
     return record
 
 
-def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path) -> Path:
+def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path, chat_template: str = "auto") -> Path:
     """Keep the student's encoder + projector, swap in the LLM at `llm_dir` (and its tokenizer).
 
     Raises ReassemblyError, before loading any weights, when architecture, hidden size or vocabulary
-    don't fit. The chat template and image processor stay the student's. Memory: the student is loaded
-    whole once (its old LLM included) next to the new LLM, on CPU, so plan ~2x the model size in RAM.
+    don't fit. The image processor stays the student's; the chat template becomes the new LLM's own
+    (`chat_template` as in AssembleConfig), or stays the student's when `llm_dir` has no tokenizer.
+    Memory: the student is loaded whole once (its old LLM included) next to the new LLM, on CPU, so plan
+    ~2x the model size in RAM.
     """
     from transformers import (
         AutoConfig,
@@ -463,12 +462,17 @@ def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     student = AutoModelForImageTextToText.from_pretrained(sdir, dtype=dtype)
     old_proc = AutoProcessor.from_pretrained(sdir)
     llm = AutoModelForCausalLM.from_pretrained(ldir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(ldir) if (ldir / "tokenizer_config.json").exists() else old_proc.tokenizer
+    own_tokenizer = (ldir / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(ldir) if own_tokenizer else old_proc.tokenizer
     layout = "internvl" if scfg.model_type == "internvl" else "llava"
+    template, template_from = old_proc.chat_template, record.get("chat_template")
+    if own_tokenizer:
+        template, template_from = student_template(
+            tokenizer, IMAGE_PLACEHOLDER if layout == "llava" else "<IMG_CONTEXT>", chat_template)
     vcfg = student.config.vision_config
     ratio = getattr(scfg, "downsample_ratio", 1.0)
     strategy = scfg.vision_feature_select_strategy
-    processor = _build_processor(layout, old_proc.image_processor, tokenizer, vcfg, ratio, old_proc.chat_template, strategy)
+    processor = _build_processor(layout, old_proc.image_processor, tokenizer, vcfg, ratio, template, strategy)
     image_token = processor.image_token
     source_rows = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > source_rows:
@@ -480,7 +484,7 @@ def reassemble(student_dir: str | Path, llm_dir: str | Path, out_dir: str | Path
     proj_state = student.model.multi_modal_projector.state_dict()
     model = _combine(config, student.model.vision_tower, llm.model, llm.lm_head, proj_state, 0, dtype)
     record = {**record, "llm_path": str(ldir), "llm_model_type": llm.config.model_type,
-              "source_vocab_rows": source_rows}
+              "source_vocab_rows": source_rows, "chat_template": template_from}
     record["history"] = [*record.get("history", []), {"op": "reassemble", "from": str(sdir), "llm_path": str(ldir)}]
     log.info("re-assembled %s: projector from %s, LLM from %s -> %s", layout, sdir, ldir, out_dir)
     return _save(model, processor, out_dir, record)

@@ -10,7 +10,9 @@ Builds, with `save_pretrained`, so everything downstream goes through the real `
 - `internvit/` (only with `internvit=True`): an InternViT-style encoder (`internvl_vision`) for the
   InternVL layout (LayerNorm + pixel-shuffle projector, dynamic tiling).
 
-Variants for mismatch tests: `build_tiny_llm(out, seed, arch="llama" | hidden_size=96 | corpus_salt=...)`.
+Variants for mismatch tests: `build_tiny_llm(out, seed, arch="llama" | hidden_size=96 | corpus_salt=...)`;
+`chat_template=` gives the tokenizer another chat template (None: none at all). The default is a
+Qwen2-Instruct-style ChatML template with its default system prompt, as real LLMs ship one.
 Everything is seeded, so the same seed gives bit-identical checkpoints.
 """
 
@@ -33,6 +35,13 @@ SPECIAL_TOKENS = [
     "<IMG_CONTEXT>",
     "<video>",
 ]
+# Qwen2-Instruct's template: ChatML, a default system prompt when the conversation has none.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Qwen pads its embedding matrix past the tokenizer; the tiny LLM does the same so that adding a
 # token (the image placeholder) is tested without a resize.
 TINY_VOCAB_ROWS = 512
@@ -62,10 +71,13 @@ def _corpus(salt: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(out_dir: str | Path, vocab_size: int = 400, salt: int = 0):
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 400, salt: int = 0,
+                    chat_template: str | None = TINY_CHAT_TEMPLATE, specials: list[str] | None = None):
     """Train a byte-level BPE tokenizer on the built-in corpus and save it as a fast HF tokenizer.
 
-    Byte-level, so any text (LaTeX, unicode) encodes without unknown tokens.
+    Byte-level, so any text (LaTeX, unicode) encodes without unknown tokens. `specials`: extra special
+    tokens (another template's control tokens); the end-of-turn token stays `<|im_end|>` unless the
+    first of them ends turns (then it is the eos token).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -80,12 +92,19 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 400, salt: int = 0):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(salt), trainer=trainer)
+    # a template's own control tokens come after the trained vocabulary: the base ids stay those of
+    # every other tiny LLM of the same corpus, so re-assembly between them is allowed
+    extra = [t for t in specials or [] if t not in SPECIAL_TOKENS]
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=chat_template,
     )
+    if extra:
+        hf.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+        hf.eos_token = extra[0]
     hf.save_pretrained(str(out_dir))
     return hf
 
@@ -98,6 +117,8 @@ def build_tiny_llm(
     vocab_rows: int = TINY_VOCAB_ROWS,
     corpus_salt: int = 0,
     num_heads: int = 4,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
+    specials: list[str] | None = None,
 ) -> Path:
     """A tiny random causal LM (`qwen2` or `llama`) plus its trained tokenizer, saved to `out_dir`.
 
@@ -107,7 +128,7 @@ def build_tiny_llm(
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir)
-    tok = train_tokenizer(out, salt=corpus_salt)
+    tok = train_tokenizer(out, salt=corpus_salt, chat_template=chat_template, specials=specials)
     if len(tok) > vocab_rows:
         raise ValueError(f"tokenizer has {len(tok)} tokens, more than vocab_rows={vocab_rows}")
     common = dict(
@@ -120,7 +141,7 @@ def build_tiny_llm(
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         bos_token_id=None,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}

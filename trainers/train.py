@@ -183,12 +183,17 @@ def fingerprint_extra(cfg: TrainConfig) -> dict:
     so does an edited DeepSpeed JSON (by content: the shipped ones live in the package, whose path and
     mtimes differ between a checkout and Ray's copy of it)."""
     from pipeline.rundir import stable_hash
-    from trainers.assemble import _path_stats
+    from trainers.assemble import _path_stats, find_checkpoint
+    from trainers.chat import llm_template_text
     from trainers.loop import DEEPSPEED_DIR
 
     ds = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_DIR / f"zero{cfg.zero_stage}.json"
+    init = find_checkpoint(cfg.init_from) if cfg.init_from and Path(cfg.init_from).exists() else None
     return {"init_from": _path_stats(cfg.init_from),
-            "deepspeed": stable_hash(ds.read_bytes()) if ds.is_file() else None}
+            "deepspeed": stable_hash(ds.read_bytes()) if ds.is_file() else None,
+            # the chat template the SFT text is rendered with, by content (steps fed by `assemble` get it
+            # through assemble's fingerprint)
+            **({"chat_template": stable_hash(llm_template_text(init))} if init else {})}
 
 
 def run(cfg: TrainConfig, ctx: Any) -> Manifest:

@@ -209,3 +209,35 @@ def test_report_page_in_a_real_browser(tmp_path, browser_profile):
         assert img["complete"] and img["width"] > 100 and img["height"] > 100 and img["shown"] > 100, img
     for title in ("Steps and counts", "Training: loss", "Evaluation: accuracy", "Example chains"):
         assert title in got.text
+
+
+def test_report_tabulates_each_phase_on_the_held_out_set(tmp_path, capsys):
+    """Every evaluate step (any phase: an added phase's evaluate is one more row) is a row of the per-phase
+    table, with pass@1, maj@k, engine errors and the contamination left out; `r1v report` prints it too."""
+    from pathlib import Path
+
+    from pipeline import cli
+
+    run = _full_run(tmp_path)
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    (run / "config.yaml").write_text(demo.read_text())  # the plan the phases come from
+    for t, (name, model) in enumerate((("evaluate", "train"), ("evaluate-t1", "train-t1"))):
+        m = Manifest.load(run / name)
+        m.metrics.update({"eval_set": "synthetic-eval", "headline": "heldout", "samples": 4, "pass1": 0.25 + 0.25 * t,
+                          "majority": 0.375 + 0.25 * t, "pass_k": 0.75, "engine_errors": {"engine_exception": 1 - t},
+                          "model_step": model,
+                          "heldout": {"problems": 8, "contaminated": 2, "pass1": 0.25 + 0.25 * t},
+                          "train": {"problems": 4, "accuracy": 0.5, "wrong": 2}})
+        m.write(run / name)
+    page = write_report(run).read_text()
+    ev = _section(page, "evaluation")
+    assert "<th>pass@1</th><th>maj@k</th><th>pass@k</th>" in ev
+    assert ("<td>sft</td><td>0</td><td>evaluate (model of train)</td><td>synthetic-eval</td><td>8</td><td>4</td>"
+            "<td>0.250</td><td>0.375</td><td>0.750</td><td>1</td><td>2</td><td>0.500 (n=4)</td><td>2</td>") in ev
+    assert "<td>sft</td><td>1</td><td>evaluate-t1 (model of train-t1)</td>" in ev and "<td>0.625</td>" in ev
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "evaluation per phase:" and "pass@1" in lines[1] and "maj@k" in lines[1]
+    assert lines[2].split()[:3] == ["sft", "0", "evaluate"] and "0.250" in lines[2] and "0.375" in lines[2]
+    assert lines[3].split()[:3] == ["sft", "1", "evaluate-t1"] and "0.500" in lines[3]

@@ -243,17 +243,23 @@ def test_files_a_stage_output_depends_on_are_in_its_fingerprint(tmp_path):
 
 
 def test_chat_template_edit_changes_assemble_fingerprint(tmp_path, monkeypatch):
-    import trainers.model as model_mod
+    import trainers.chat as chat_mod
+    import trainers.tiny as tiny_mod
     from trainers.assemble import fingerprint_extra as assemble_extra
     from trainers.model import AssembleConfig
 
     tpl = tmp_path / "templates"
-    shutil.copytree(model_mod.TEMPLATES, tpl)
-    monkeypatch.setattr(model_mod, "TEMPLATES", tpl)
-    cfg = AssembleConfig(init="tiny_random")
+    shutil.copytree(chat_mod.TEMPLATES, tpl)
+    monkeypatch.setattr(chat_mod, "TEMPLATES", tpl)
+    cfg = AssembleConfig(init="tiny_random", chat_template="chatml_think")
     before = assemble_extra(cfg)
     (tpl / "chatml_think.jinja").write_text((tpl / "chatml_think.jinja").read_text() + "\n")
     assert assemble_extra(cfg) != before
+    # the default: the LLM's own template (the tiny LLM's, for tiny_random), by content
+    auto = AssembleConfig(init="tiny_random")
+    before = assemble_extra(auto)
+    monkeypatch.setattr(tiny_mod, "TINY_CHAT_TEMPLATE", tiny_mod.TINY_CHAT_TEMPLATE + " ")
+    assert assemble_extra(auto) != before
 
 
 def _child(ready, stop) -> None:

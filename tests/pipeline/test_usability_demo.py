@@ -17,7 +17,8 @@ from pipeline import cli
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT = ["ingest.sources.0.synthetic.n=40", "rounds.count=2", "train.max_steps=4", "train.save_every=4",
-         "train.iterative.rounds=1", "evaluate.limit=4", "evaluate.max_tokens=16"]
+         "train.iterative.rounds=1", "evaluate.limit=4", "evaluate.max_tokens=16",
+         "evaluate.eval_set.limit=4", "evaluate.eval_set.samples=2"]
 NOISE = ("Execution plan", "Token authentication", "logging_progress", "Loading weights", "Writing model shards",
          "Started a local Ray instance", "Progress bars disabled", "does not have any available CPUs",
          "Setting accelerator to CPU", "Running Dataset", "Traceback")
