@@ -89,6 +89,10 @@ def _needs_model(cfg: Any) -> str | None:
     return "train: configure an `assemble` section or set train.init_from to a student checkpoint"
 
 
+def _rl_needs_model(cfg: Any) -> str:
+    return "rl: no student to start from (configure assemble and train before it)"
+
+
 PROBLEMS = Use("problems")
 
 PLAN: tuple[Phase, ...] = (
@@ -115,6 +119,11 @@ PLAN: tuple[Phase, ...] = (
               ("model",)),
         Entry("evaluate", {"model": Use("model"), "problems": PROBLEMS}, ("wrong",)),
     ), rounds=_sft_rounds, suffix="t", requires=("train",)),
+    # GRPO with rule rewards on the last SFT model, then the RL model evaluated like every round's
+    Phase("rl", (
+        Entry("rl", {"model": Use("model", required=_rl_needs_model), "problems": PROBLEMS}, ("model",)),
+        Entry("evaluate", {"model": Use("model"), "problems": PROBLEMS}, ("wrong",), name="evaluate-rl"),
+    ), requires=("rl",)),
 )
 
 
