@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trl import GRPOTrainer
 from transformers import TrainerCallback
+from trl import GRPOTrainer
 
 log = logging.getLogger(__name__)
 

@@ -96,37 +96,32 @@ def _dataset(problems_dir: Path, system: str) -> Any:
     return ds.cast_column("images", datasets.Sequence(datasets.Image()))
 
 
-def rl_worker(spec: dict | Any) -> dict:
-    """One rank: load the student, freeze, build the dataset and rewards, run GRPO, export, summarise."""
+def build_trainer(spec: Any) -> tuple[Any, list, Path | None]:
+    """(the GRPO trainer of this rank, its reward functions, the checkpoint it resumes from or None)."""
     import torch
 
-    from pipeline.logging import setup_logging
-    from pipeline.rundir import atomic_write_json
     from trainers.grpo import R1VGRPOTrainer, StepLog
-    from trainers.model import apply_freeze, load_student, standard_weight_names
+    from trainers.model import apply_freeze, load_student
     from trainers.rewards import make_reward_funcs
-    from trainers.rl import STEPS_LOG, RLConfig, RLWorkerSpec, result_path
+    from trainers.rl import STEPS_LOG, RLConfig
 
-    spec = RLWorkerSpec.model_validate(spec) if isinstance(spec, dict) else spec
-    setup_logging()
     cfg = RLConfig.model_validate(spec.cfg)
     out = Path(spec.out_dir)
-    cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    args = _grpo_args(cfg, out, spec.seed, cuda, world)  # before the model: it sets up the process group
+    args = _grpo_args(cfg, out, spec.seed, torch.cuda.is_available(), world)  # sets up the process group
     model, processor = load_student(spec.model_dir, dtype="float32")
     apply_freeze(model, cfg.freeze)
-    processor.tokenizer.padding_side = "left"
+    export_side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "left"  # generation pads prompts on the left
     funcs, weights = make_reward_funcs(cfg.rewards, processor.tokenizer, [model.generation_config.eos_token_id])
     args.reward_weights = weights
-    ckpt, resume_step = complete_checkpoint(out / CKPT_DIR, clean=rank == 0)
+    ckpt, resume_step = complete_checkpoint(out / CKPT_DIR, clean=int(os.environ.get("RANK", "0")) == 0)
     if world > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.barrier()  # rank 0 has removed incomplete checkpoints
-    steplog = StepLog(out / STEPS_LOG, [getattr(f, "__name__") for f in funcs], resume_step)
+    steplog = StepLog(out / STEPS_LOG, [f.__name__ for f in funcs], resume_step)
     trainer = R1VGRPOTrainer(
         model=model, reward_funcs=funcs, args=args, train_dataset=_dataset(Path(spec.problems_dir), spec.system_prompt),
         processing_class=processor, callbacks=[steplog], zero_std=cfg.zero_std, buffer_size=cfg.buffer_size,
@@ -136,17 +131,39 @@ def rl_worker(spec: dict | Any) -> dict:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.export_padding_side = export_side
+    return trainer, funcs, ckpt
+
+
+def rl_worker(spec: dict | Any) -> dict:
+    """One rank: load the student, freeze, build the dataset and rewards, run GRPO, export, summarise."""
+    from pipeline.logging import setup_logging
+    from trainers.rl import RLWorkerSpec
+
+    spec = RLWorkerSpec.model_validate(spec) if isinstance(spec, dict) else spec
+    setup_logging()
+    trainer, funcs, ckpt = build_trainer(spec)
     if ckpt is not None:
-        log.info("rl: resumed from %s (step %d)", ckpt, resume_step)
+        log.info("rl: resumed from %s", ckpt)
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     finally:
         for f in funcs:
             if hasattr(f, "close"):
                 f.close()
+    return finish(trainer, funcs, spec, ckpt)
+
+
+def finish(trainer: Any, funcs: list, spec: Any, ckpt: Path | None) -> dict:
+    """Export the model in the student's standard layout (as train's export) and write result.json."""
+    from pipeline.rundir import atomic_write_json
+    from trainers.model import standard_weight_names
+    from trainers.rl import result_path
+
+    out = Path(spec.out_dir)
     export = out / "model"
     trainer.save_model(str(export))  # gathers ZeRO-3 partitions; written by the main process
-    summary = {"steps": int(trainer.state.global_step), "world_size": world,
+    summary = {"steps": int(trainer.state.global_step), "world_size": int(trainer.accelerator.num_processes),
                "resumed_from": str(ckpt) if ckpt is not None else None,
                "verdicts": next((dict(f.verdicts) for f in funcs if hasattr(f, "verdicts")), {})}
     if trainer.is_world_process_zero():
@@ -154,8 +171,10 @@ def rl_worker(spec: dict | Any) -> dict:
         conf = json.loads(cfg_json.read_text())
         conf["use_cache"] = True
         cfg_json.write_text(json.dumps(conf, indent=2))
+        (export / "training_args.bin").unlink(missing_ok=True)
         standard_weight_names(export)  # the layout vLLM and evaluate load, as train's export
-        processor.tokenizer.padding_side = "right"
+        processor = trainer.processing_class
+        processor.tokenizer.padding_side = getattr(trainer, "export_padding_side", "right")
         processor.save_pretrained(export)
         atomic_write_json(result_path(out), summary)
     return summary
