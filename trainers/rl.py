@@ -23,7 +23,8 @@ component, KL, clipped fraction, completion length, tokens/s, zero-std groups, g
 update seconds), `input/` (the problems trained on), `checkpoints/` (Trainer checkpoints: model,
 optimizer, scheduler, RNG), `steps.jsonl`, `result.json`. A step killed (even by SIGKILL) and run again
 continues from its last complete checkpoint: the log continues at the checkpoint's step, no row twice.
-Manifest: rows_in = problems read, kept = problems trained on, dropped by reason (no_answer: no gold).
+Manifest: rows_in = problems read, kept = problems trained on, dropped by reason (no_answer: no gold;
+over_limit: past `limit`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,10 @@ def _problems(cfg: RLConfig, ctx: Any, m: Manifest) -> list[dict]:
         m.drop("no_answer", len(rows) - len(keep))
     salt = ctx.run_config.run.seed
     keep.sort(key=lambda r: stable_hash(salt, r["problem_id"]))
-    return keep[: cfg.limit] if cfg.limit else keep
+    if cfg.limit and len(keep) > cfg.limit:
+        m.drop("over_limit", len(keep) - cfg.limit)
+        keep = keep[: cfg.limit]
+    return keep
 
 
 def _model_dir(ctx: Any) -> Path:
