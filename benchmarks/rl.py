@@ -45,7 +45,13 @@ def build_student(out: Path, gpu_shape: bool) -> Path:
         ck = build_tiny_checkpoints(out / "parts")
         return assemble_student(AssembleConfig(vision_path=str(ck["vision"]), llm_path=str(ck["llm"])), out / "student")
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     from benchmarks.train import SHAPES
     from trainers.tiny import train_tokenizer

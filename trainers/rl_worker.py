@@ -47,6 +47,11 @@ def complete_checkpoint(ckpt_dir: Path, clean: bool = False) -> tuple[Path | Non
     return None, 0
 
 
+def _finished(ckpt: Path) -> bool:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return int(state.get("max_steps") or 0) > 0 and int(state["global_step"]) >= int(state["max_steps"])
+
+
 def _grpo_args(cfg: Any, out: Path, seed: int, cuda: bool, world: int) -> Any:
     from trl import GRPOConfig
 
@@ -146,7 +151,15 @@ def rl_worker(spec: dict | Any) -> dict:
     if ckpt is not None:
         log.info("rl: resumed from %s", ckpt)
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+        if ckpt is not None and _finished(ckpt):
+            # the kill came after the last step's checkpoint: training is over, only the export is left
+            # (Trainer would run one step more when resumed at max_steps)
+            from transformers.trainer_callback import TrainerState
+
+            trainer._load_from_checkpoint(str(ckpt))
+            trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     finally:
         for f in funcs:
             if hasattr(f, "close"):

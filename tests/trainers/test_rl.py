@@ -88,9 +88,9 @@ def test_pathological_answer_times_out_inside_a_reward_call_and_the_step_goes_on
                                                                                  tmp_path):
     """The accuracy reward of a real training step sees one answer sympy never finishes: it scores 0 after
     the verifier's deadline, the other completions are graded, and training goes on to the next step."""
+    from tests.trainers.test_rewards import tower
     from trainers.rl import RLWorkerSpec
     from trainers.rl_worker import build_trainer
-    from tests.trainers.test_rewards import tower
 
     spec = RLWorkerSpec.model_validate(_spec(tiny_student, problems_dir, tmp_path / "rl", max_steps=2,
                                              rewards={"workers": 1, "verify": {"timeout_s": 1.5}}).model_dump())
