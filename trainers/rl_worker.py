@@ -112,6 +112,10 @@ def build_trainer(spec: Any) -> tuple[Any, list, Path | None]:
 
     cfg = RLConfig.model_validate(spec.cfg)
     out = Path(spec.out_dir)
+    if (cfg.zero_stage is not None or cfg.deepspeed_config) and "WORLD_SIZE" not in os.environ:
+        from trainers.loop import init_distributed
+
+        init_distributed()  # DeepSpeed in one process needs a process group (else it looks for MPI)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = _grpo_args(cfg, out, spec.seed, torch.cuda.is_available(), world)  # sets up the process group
     model, processor = load_student(spec.model_dir, dtype="float32")
@@ -164,32 +168,66 @@ def rl_worker(spec: dict | Any) -> dict:
         for f in funcs:
             if hasattr(f, "close"):
                 f.close()
-    return finish(trainer, funcs, spec, ckpt)
+    try:
+        return finish(trainer, funcs, spec, ckpt)
+    finally:
+        # TrainingArguments(deepspeed=ZeRO-3) leaves a process-wide setting that makes every later
+        # from_pretrained in this process partition its model (evaluate-rl runs in the same process)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def finish(trainer: Any, funcs: list, spec: Any, ckpt: Path | None) -> dict:
-    """Export the model in the student's standard layout (as train's export) and write result.json."""
+    """Export the model in the student's standard layout (as train's export: ZeRO-3 partitions gathered,
+    the model's own parameter names, `save_pretrained`, the vision tower's published weight names) and
+    write result.json."""
+    import contextlib
+
+    import torch.distributed as dist
+
     from pipeline.rundir import atomic_write_json
     from trainers.model import standard_weight_names
     from trainers.rl import result_path
 
     out = Path(spec.out_dir)
     export = out / "model"
-    trainer.save_model(str(export))  # gathers ZeRO-3 partitions; written by the main process
+    model = trainer.model  # the transformers model (DeepSpeed's engine wraps it in trainer.model_wrapped)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    zero3 = trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+    if zero3:
+        import deepspeed
+
+        gather: Any = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    else:
+        gather = contextlib.nullcontext()
     summary = {"steps": int(trainer.state.global_step), "world_size": int(trainer.accelerator.num_processes),
                "resumed_from": str(ckpt) if ckpt is not None else None,
                "verdicts": next((dict(f.verdicts) for f in funcs if hasattr(f, "verdicts")), {})}
-    if trainer.is_world_process_zero():
-        cfg_json = export / "config.json"
-        conf = json.loads(cfg_json.read_text())
-        conf["use_cache"] = True
-        cfg_json.write_text(json.dumps(conf, indent=2))
-        (export / "training_args.bin").unlink(missing_ok=True)
+    sd = None
+    with gather:
+        if trainer.is_world_process_zero():
+            sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if zero3:
+        # A model loaded under ZeRO-3 (zero.Init) records transformers' legacy renamings too, and
+        # save_pretrained would revert them into doubled names (language_model.model.model.*): save with
+        # the model's own conversions only, as a plain load records them (train's export).
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+        unset_hf_deepspeed_config()
+    if sd is not None:
+        model.config.use_cache = True
+        export.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(export, state_dict=sd)
         standard_weight_names(export)  # the layout vLLM and evaluate load, as train's export
         processor = trainer.processing_class
         processor.tokenizer.padding_side = getattr(trainer, "export_padding_side", "right")
         processor.save_pretrained(export)
         atomic_write_json(result_path(out), summary)
+    if dist.is_initialized():
+        dist.barrier()
     return summary
 
 

@@ -189,3 +189,38 @@ def test_selective_sample_buffer_rows_round_trip():
     swapped = join_rows([rows[1], rows[1]], batch, pad, "cpu")
     assert swapped["pixel_values"].shape[0] == 4 and swapped["num_images"] == [2, 2]
     assert swapped["advantages"].tolist() == [-0.5, -0.5]
+
+
+def test_deepspeed_zero3_through_accelerate_and_the_export(tiny_student, problems_dir, tmp_path):
+    """ZeRO-3 in one process: the gathered export holds the trained LLM + projector, the frozen encoder as it was,
+    under the student's own weight names; a model loaded afterwards in this process is whole again."""
+    from safetensors.torch import load_file
+
+    from trainers.model import load_student
+    from trainers.rl_worker import launch
+
+    out = tmp_path / "rl"
+    launch(_spec(tiny_student, problems_dir, out, max_steps=12, zero_stage=3))
+    rows = _steps(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert sum(r["zero_std_groups"] for r in rows) < sum(r["groups"] for r in rows)  # some steps had advantage
+    trained = load_file(out / "model" / "model.safetensors")
+    start = load_file(Path(tiny_student) / "model.safetensors")
+    assert trained.keys() == start.keys()  # the student's own weight names
+    changed = {k for k in start if not (trained[k] == start[k]).all()}
+    assert any("multi_modal_projector" in k for k in changed) and any("language_model" in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)
+    model = load_student(out / "model")[0]  # not partitioned by a ZeRO-3 setting left behind
+    assert all(p.numel() > 0 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers(tiny_student, problems_dir, tmp_path, ray_local):
+    from trainers.rl_worker import launch
+
+    out = tmp_path / "rl"
+    res = launch(_spec(tiny_student, problems_dir, out, max_steps=3), "ray", 2)
+    assert res["world_size"] == 2 and res["steps"] == 3
+    rows = _steps(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["groups"] == 4 for r in rows)
+    assert (out / "model" / "model.safetensors").exists()
