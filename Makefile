@@ -85,6 +85,7 @@ bench: venv
 	$(BIN)/python benchmarks/filter.py
 	$(BIN)/python benchmarks/sft_data.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/rl.py
 
 bench-vllm: venv-vllm
 	$(VBIN)/python benchmarks/vllm_generate.py

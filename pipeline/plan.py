@@ -114,6 +114,10 @@ def _align_substitute(cfg: Any) -> Any:
         raise PlanError(str(e)) from None
 
 
+def _rl_needs_model(cfg: Any) -> str:
+    return "rl: no student to start from (configure assemble and train before it)"
+
+
 PROBLEMS = Use("problems")
 
 PLAN: tuple[Phase, ...] = (
@@ -147,6 +151,11 @@ PLAN: tuple[Phase, ...] = (
               ("model",)),
         Entry("evaluate", {"model": Use("model"), "problems": PROBLEMS}, ("wrong",)),
     ), rounds=_sft_rounds, suffix="t", requires=("train",)),
+    # GRPO with rule rewards on the last SFT model, then the RL model evaluated like every round's
+    Phase("rl", (
+        Entry("rl", {"model": Use("model", required=_rl_needs_model), "problems": PROBLEMS}, ("model",)),
+        Entry("evaluate", {"model": Use("model"), "problems": PROBLEMS}, ("wrong",), name="evaluate-rl"),
+    ), requires=("rl",)),
 )
 
 

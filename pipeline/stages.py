@@ -49,4 +49,5 @@ STAGES: dict[str, StageSpec] = {
     "assemble": StageSpec("trainers.assemble", "AssembleConfig"),
     "train": StageSpec("trainers.train", "TrainConfig"),
     "evaluate": StageSpec("trainers.evaluate", "EvaluateConfig"),
+    "rl": StageSpec("trainers.rl", "RLConfig"),
 }

@@ -48,6 +48,8 @@ DEMO_STEPS = {
     "evaluate-t1": {"model": ["train-t1"], "problems": ["caption"]},
     "train-t2": {"sft": ["curate", "curate-r1", "curate-r2"], "model": ["train-t1"], "wrong": ["evaluate-t1"]},
     "evaluate-t2": {"model": ["train-t2"], "problems": ["caption"]},
+    "rl": {"model": ["train-t2"], "problems": ["caption"]},
+    "evaluate-rl": {"model": ["rl"], "problems": ["caption"]},
 }
 
 
@@ -66,7 +68,7 @@ def test_demo_plan_lists_every_step_with_its_inputs(tmp_path, capsys):
     got = _plan_json(capsys, f"run.root={tmp_path}")
     assert [s["step"] for s in got["steps"]] == list(DEMO_STEPS)
     assert {s["step"]: s["inputs"] for s in got["steps"]} == DEMO_STEPS
-    assert {s["status"] for s in got["steps"]} == {"missing"} and got["counts"]["missing"] == 23
+    assert {s["status"] for s in got["steps"]} == {"missing"} and got["counts"]["missing"] == len(DEMO_STEPS)
     assert got["run_dir"] == str(tmp_path / "demo")
     runner = runner_mod.Runner(load_config(DEMO, [f"run.root={tmp_path}"]))
     assert [s["fingerprint"] for s in got["steps"]] == [runner.fingerprint(s) for s in runner.steps]
@@ -85,7 +87,7 @@ def test_demo_plan_lists_every_step_with_its_inputs(tmp_path, capsys):
     for s in got["steps"]:
         cells = rows[s["step"]]
         assert cells[4].strip() == s["fingerprint"][:10] and cells[5].strip() == "missing"
-    assert "train-t1" in out and "wrong <- evaluate" in out and "23 steps: 0 done, 0 stale, 23 missing" in out
+    assert "train-t1" in out and "wrong <- evaluate" in out and f"{len(DEMO_STEPS)} steps: 0 done, 0 stale, {len(DEMO_STEPS)} missing" in out
 
 
 class _ReadLog(dict):
@@ -161,7 +163,7 @@ def test_a_phase_added_in_one_place_appears_with_its_inputs(tmp_path, capsys, mo
     got = _plan_json(capsys, f"run.root={tmp_path}")
     last = got["steps"][-1]
     assert (last["step"], last["stage"], last["phase"]) == ("evaluate-final", "evaluate", "final")
-    assert last["inputs"] == {"model": ["train-t2"], "problems": ["caption"]}
+    assert last["inputs"] == {"model": ["rl"], "problems": ["caption"]}  # the last model: the RL one
     assert last["status"] == "missing" and len(last["fingerprint"]) == 24
     assert [s["step"] for s in got["steps"][:-1]] == list(DEMO_STEPS)
 
@@ -170,9 +172,9 @@ def test_a_phase_added_in_one_place_appears_with_its_inputs(tmp_path, capsys, mo
     polish = Phase("polish", (Entry("evaluate", {"model": Use("model")}, ("wrong",), name="score"),),
                    rounds=lambda c: c.rounds.count, suffix="p")
     steps = expand(cfg, (*PLAN, polish))
-    assert [(s.name, s.inputs) for s in steps[-3:]] == [("score", {"model": ["train-t2"]}),
-                                                        ("score-p1", {"model": ["train-t2"]}),
-                                                        ("score-p2", {"model": ["train-t2"]})]
+    assert [(s.name, s.inputs) for s in steps[-3:]] == [("score", {"model": ["rl"]}),
+                                                        ("score-p1", {"model": ["rl"]}),
+                                                        ("score-p2", {"model": ["rl"]})]
     with pytest.raises(PlanError, match="names steps twice: evaluate"):
         expand(cfg, (*PLAN, Phase("again", (Entry("evaluate", {"model": Use("model")}),))))
 
