@@ -305,15 +305,17 @@ def shard_name(ids: Iterable[str], prefix: str = "part") -> str:
     return f"{prefix}-{stable_hash(sorted(ids), n=20)}.parquet"
 
 
-def publish_shard(rows: pa.Table, attempt: Path, name: str, table: str) -> str:
-    """Write `rows` as shard `name` of the step directory that holds `attempt`: to the attempt folder,
-    then renamed. Never creates the attempt folder: a fenced attempt raises AttemptFenced."""
+def publish_shard(rows: pa.Table, attempt: Path, name: str, table: str, sub: str | None = None) -> str:
+    """Write `rows` as shard `name` of the step directory that holds `attempt` (or of its `sub` table
+    folder): to the attempt folder, then renamed. Never creates the attempt folder: a fenced attempt
+    raises AttemptFenced."""
     attempt = Path(attempt)
-    tmp = attempt / name
+    tmp = attempt / f"{sub}-{name}" if sub else attempt / name
+    target = attempt.parent / sub if sub else attempt.parent
     rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **_arrow_metadata(table)})
     try:
         pq.write_table(rows, tmp, compression="zstd")
-        os.replace(tmp, attempt.parent / name)
+        os.replace(tmp, target / name)
     except FileNotFoundError as e:
         if not attempt.exists():
             raise AttemptFenced(f"{attempt} was replaced by a newer attempt; shard {name} not published") from e
