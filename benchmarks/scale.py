@@ -73,8 +73,11 @@ def child(args: argparse.Namespace) -> None:
     from pipeline.runner import StageContext
     from teachers.generate import GenerateConfig, run
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=args.object_store_mb * 1024 * 1024)
+    if args.address:  # join a running cluster (the kill-and-resume test's)
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=args.object_store_mb * 1024 * 1024)
     ray.data.DataContext.get_current().enable_progress_bars = False
     run_dir = Path(args.run)
     out = run_dir / "generate"
@@ -82,10 +85,10 @@ def child(args: argparse.Namespace) -> None:
     ctx = StageContext(run_dir=run_dir, step="generate", stage="generate", round=0, out_dir=out,
                        inputs={"problems": [Path(args.problems)]},
                        run_config=SimpleNamespace(run=SimpleNamespace(seed=0, root=str(run_dir.parent))),
-                       fingerprint="bench")
+                       fingerprint="bench", resume=args.resume)
     cfg = GenerateConfig.model_validate({
         "engine": {"kind": "scripted", "latency_s": 0.0}, "samples_per_problem": args.k, "workers": args.workers,
-        "batch_size": 64, "flush_rows": 1024, "cache": False, "max_tokens": 1200,
+        "batch_size": 64, "flush_rows": args.flush_rows, "cache": False, "max_tokens": 1200,
     })
     t0 = time.perf_counter()
     m = run(cfg, ctx)
@@ -100,6 +103,7 @@ def child(args: argparse.Namespace) -> None:
     except (ImportError, RuntimeError, ValueError, ConnectionError) as e:
         print(f"memory summary unavailable: {e}", file=sys.stderr)
     print("RESULT " + json.dumps({"chains": m.outputs["chains"], "wall_s": wall, "spilled_mb": spilled,
+                                  "resumed": m.metrics["resumed"], "requests": m.metrics["requests"],
                                   "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     ray.shutdown()
 
@@ -127,7 +131,7 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
 
     cmd = [sys.executable, __file__, "--child", "--code", code, "--problems", str(problems), "--run", str(run),
            "--cpus", str(args.cpus), "--workers", str(args.workers), "--k", str(args.k),
-           "--object-store-mb", str(args.object_store_mb)]
+           "--object-store-mb", str(args.object_store_mb), "--flush-rows", str(args.flush_rows)]
     env = {**os.environ, "PYTHONPATH": code, "R1V_PROGRESS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     peaks: dict[int, float] = {}
@@ -172,6 +176,9 @@ def main() -> None:
     ap.add_argument("--code", default=str(REPO), help=argparse.SUPPRESS)
     ap.add_argument("--problems", help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flush-rows", type=int, default=1024, help="chains per shard")
     args = ap.parse_args()
     if args.child:
         child(args)
