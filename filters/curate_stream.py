@@ -127,7 +127,7 @@ def run_streaming(cfg: Any, ctx: Any) -> Manifest:
         wanted = sorted({p for d in (ctx.input_dirs("retry") if "retry" in ctx.inputs else [])
                          if shard_files(d / "retry")
                          for p in read_table(d / "retry", ["problem_id"]).column("problem_id").to_pylist()})
-    attempt = open_attempt(ctx.out_dir)
+    attempt = open_attempt(ctx.out_dir).resolve()
     (ctx.out_dir / "retry").mkdir(exist_ok=True)
     for d in (ctx.out_dir, ctx.out_dir / "retry"):
         for f in shard_files(d):

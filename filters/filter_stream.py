@@ -132,7 +132,7 @@ def run_streaming(cfg: Any, ctx: Any, m: Any) -> dict[str, Any]:
             ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
                 FilterShardActor,
                 fn_constructor_kwargs={"cfg": cfg, "answers_ref": ray.put(answer_columns(ctx)),
-                                       "attempt": str(attempt)},
+                                       "attempt": str(attempt.resolve())},
                 compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1, batch_format="pyarrow",
                 num_cpus=cfg.cpus_per_worker)
             stats = ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)

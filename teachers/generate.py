@@ -3,16 +3,18 @@
     r1v run configs/demo.yaml --stage generate                    # scripted teacher, CPU, seconds
     r1v run configs/r1v-38b.yaml --stage generate                 # R1 on vLLM, tensor parallel 8
 
-One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); `workers: 0` runs the same
-per-batch code in-process without Ray. The vllm engine goes through Ray's `ray.data.llm` processor.
+One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); the vllm engine goes through
+Ray's `ray.data.llm` processor. On Ray the stage streams (teachers/stream.py): the problems are read as
+a Ray Data dataset, the workers render, expand, look up the cache, generate and write their own shards,
+and the driver commits the manifest. `workers: 0` runs the same per-batch code in-process without Ray.
 
 Per sample: chain_id = stable_hash(problem_id, teacher, round, sample_idx) and seed = stable_hash(run
 seed, chain_id), so a resumed or repeated run asks the same questions. Sampling parameters come from
 the problem row where the assess stage set them (repetition_penalty, max_tokens; also temperature and
-top_p if present), else from this config. Before any engine call the driver looks each sample up in
-the generation cache (teachers/cache.py); results stream back and are written in shards of
-`flush_rows`, so a killed run loses at most one unflushed shard and, resumed (same fingerprint),
-generates only the missing samples. In round r > 0 only the problems on the previous curate step's
+top_p if present), else from this config. Before any engine call each sample is looked up in the
+generation cache (teachers/cache.py); chains are written in shards of at most `flush_rows`, so a killed
+run loses at most the shards being written and, resumed (same fingerprint), generates only the missing
+samples. In round r > 0 only the problems on the previous curate step's
 retry list are generated.
 
 Manifest: rows_in = expected samples; kept = chains without error; engine errors are quarantined by

@@ -80,7 +80,9 @@ class _Plan:
     def __init__(self, cfg: Any, round_: int, run_seed: int, attempt: Path, cache_dir: Path | None,
                  done_ref: Any) -> None:
         self.cfg, self.round, self.run_seed = cfg, round_, run_seed
-        self.attempt, self.cache_dir, self.done_ref = str(attempt), str(cache_dir) if cache_dir else None, done_ref
+        self.attempt = str(Path(attempt).resolve())
+        self.cache_dir = str(Path(cache_dir).resolve()) if cache_dir else None
+        self.done_ref = done_ref
 
     def done(self) -> set[str]:
         if self.done_ref is None:
@@ -192,7 +194,7 @@ class ShardWorker:
 
 
 def _vllm_prepare(batch: pa.Table, plan: _Plan) -> pa.Table:
-    from teachers.generate import WORKER_OUT, expand
+    from teachers.generate import WORKER_OUT
 
     cache = GenerationCache(plan.cache_dir) if plan.cache_dir else None
     hits, bad, misses = prepare(batch, plan, plan.done(), cache)
@@ -286,7 +288,8 @@ def _read_units(files: list[Path]) -> list[dict[str, Any]]:
     for i, f in enumerate(files):
         md, off = pq.ParquetFile(f).metadata, 0
         for g in range(md.num_row_groups):
-            units.append({"file": str(f), "file_idx": i, "row_group": g, "offset": off})
+            # absolute: a worker on another node (or in another working directory) opens it
+            units.append({"file": str(Path(f).resolve()), "file_idx": i, "row_group": g, "offset": off})
             off += md.row_group(g).num_rows
     return units
 
