@@ -6,7 +6,8 @@
 One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); the vllm engine goes through
 Ray's `ray.data.llm` processor. On Ray the stage streams (teachers/stream.py): the problems are read as
 a Ray Data dataset, the workers render, expand, look up the cache, generate and write their own shards,
-and the driver commits the manifest. `workers: 0` runs the same per-batch code in-process without Ray.
+and the driver commits the manifest (vllm: not yet, see there). `workers: 0` runs the same per-batch code
+in-process without Ray.
 
 Per sample: chain_id = stable_hash(problem_id, teacher, round, sample_idx) and seed = stable_hash(run
 seed, chain_id), so a resumed or repeated run asks the same questions. Sampling parameters come from
@@ -424,8 +425,8 @@ def _strip(t: pa.Table) -> pa.Table:
 
 def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
     m = ctx.manifest()
-    if cfg.workers == 0:
-        return _run_in_process(cfg, ctx, m)
+    if cfg.workers == 0 or cfg.engine.kind == "vllm":
+        return _run_in_driver(cfg, ctx, m)
     from teachers.stream import run_streaming
 
     m, a = run_streaming(cfg, ctx, m, _cache_dir(cfg, ctx) if cfg.cache else None)
@@ -436,17 +437,14 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
     acct.engine_completion_tokens = a["engine_completion_tokens"]
     acct.errors, acct.finish = a["errors"], a["finish"]
     _finish(m, ctx, acct, a["expected"], a["resumed"])
-    if cfg.engine.kind == "vllm":  # the preparation stage writes cache hits without an accounting row
-        acct.cache_hits = max(0, m.outputs["chains"] - a["resumed"] - a["engine"] - m.quarantined.get(
-            "engine_error:bad_input", 0))
-        m.metrics["cache_hits"] = acct.cache_hits
     m.metrics["shards_by_node"] = dict(a["nodes"])
     m.metrics["nodes"] = len(a["nodes"])
     return m
 
 
-def _run_in_process(cfg: GenerateConfig, ctx: Any, m: Manifest) -> Manifest:
-    """workers: 0 — the same per-batch code in the driver, without Ray, shards written here."""
+def _run_in_driver(cfg: GenerateConfig, ctx: Any, m: Manifest) -> Manifest:
+    """workers: 0 (the same per-batch code in the driver, without Ray) and the vllm engine (the driver
+    builds the requests and writes the shards; ray.data.llm generates): rows pass through the driver."""
     problems = _load_problems(cfg, ctx, m)
     expected = len(problems) * cfg.samples_per_problem
     m.rows_in += expected

@@ -14,9 +14,9 @@ Shards are named by the chain ids they hold (pipeline.rundir.shard_name): a task
 the same file. Workers write into the step's attempt folder and rename (pipeline.rundir.open_attempt),
 so a worker left over from a killed driver cannot publish after the next attempt has read what is done.
 
-The vllm engine keeps Ray's `ray.data.llm` processor: a preparation stage (render, expand, cache,
-resume) writes cache hits itself and hands the misses to the processor; a writer stage after it writes
-the engine's chains.
+The vllm engine is not streamed yet: it keeps the driver-side path through Ray's `ray.data.llm`
+processor (teachers/generate.py). Feeding the processor typed Arrow request blocks from the workers
+failed inside ray.data.llm's block concatenation (a per-row engine error's row beside the others).
 """
 
 from __future__ import annotations
@@ -190,38 +190,6 @@ class ShardWorker:
         self.engine.close()
 
 
-# ---------------------------------------------------------------- vllm: prepare → ray.data.llm → write
-
-
-def _vllm_prepare(batch: pa.Table, plan: _Plan) -> pa.Table:
-    from teachers.generate import WORKER_OUT
-
-    cache = GenerationCache(plan.cache_dir) if plan.cache_dir else None
-    hits, bad, misses = prepare(batch, plan, plan.done(), cache)
-    if hits or bad:
-        write_chains(hits + bad, plan, 0, len(hits))
-    # the processor's input: one request row per sample, the cache key riding along for the writer
-    rows = [{**{k: r[k] for k in ("chain_id", "problem_id", "round", "teacher", "sample_idx", "seed", "prompt",
-                                 "messages", "sampling")}, "_cache_key": key} for r, _, key in misses]
-    schema = pa.schema([WORKER_OUT.field(c) for c in ("chain_id", "problem_id", "round", "teacher", "sample_idx",
-                                                       "seed", "prompt")]
-                       + [pa.field("messages", pa.string()), WORKER_OUT.field("sampling"),
-                          pa.field("_cache_key", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _vllm_write(batch: pa.Table, plan: _Plan, keys_col: bool) -> pa.Table:
-    from teachers.generate import WORKER_OUT
-
-    rows = conform(batch, WORKER_OUT).to_pylist()
-    if not rows:
-        return STATS.empty_table()
-    if plan.cache_dir and keys_col:
-        keys = dict(zip(batch.column("chain_id").to_pylist(), batch.column("_cache_key").to_pylist(), strict=True))
-        _cache_put(GenerationCache(plan.cache_dir), keys, rows)
-    return pa.Table.from_pylist([write_chains(rows, plan, len(rows), 0)], schema=STATS)
-
-
 # ---------------------------------------------------------------- driver
 
 
@@ -323,21 +291,12 @@ def stream(cfg: Any, ctx: Any, m: Manifest, cache_dir: Path | None) -> tuple[Ite
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
         _read_batches, fn_kwargs={"allow": allow, "skip": skip, "rows": per_call}, batch_size=1,
         batch_format="pyarrow", num_cpus=0)
-    if cfg.engine.kind == "vllm":
-        from teachers.engines.vllm import vllm_processor
-
-        reqs = ds.map_batches(_vllm_prepare, fn_kwargs={"plan": plan}, batch_size=per_call, batch_format="pyarrow",
-                              num_cpus=cfg.engine.stage_cpus)
-        out = vllm_processor(cfg)(reqs).map_batches(
-            _vllm_write, fn_kwargs={"plan": plan, "keys_col": True}, batch_size=cfg.flush_rows,
-            batch_format="pyarrow", num_cpus=cfg.engine.stage_cpus)
-    else:
-        calls = concurrent_calls(cfg)
-        out = ds.map_batches(
-            ShardWorker, fn_constructor_kwargs={"plan": plan, "env": _secret_env(cfg.engine)},
-            batch_size=per_call, batch_format="pyarrow", compute=_actor_pool(cfg.workers, calls),
-            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
-        )
+    calls = concurrent_calls(cfg)
+    out = ds.map_batches(
+        ShardWorker, fn_constructor_kwargs={"plan": plan, "env": _secret_env(cfg.engine)},
+        batch_size=per_call, batch_format="pyarrow", compute=_actor_pool(cfg.workers, calls),
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
+    )
     batches = out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     return batches, expected, len(done), attempt
 

@@ -97,8 +97,6 @@ def preprocess(row: dict[str, Any]) -> dict[str, Any]:
     out["r1v_prompt"] = row["prompt"]
     out["messages"] = chat_messages(json.loads(row["messages"]))
     out["sampling_params"] = _sampling_params(row["sampling"])
-    if "_cache_key" in row:  # the streaming generate's writer stores the result under it
-        out["_cache_key"] = row["_cache_key"]
     return out
 
 
@@ -130,7 +128,6 @@ def postprocess(row: dict[str, Any], think_start: str, think_end: str,
         "latency_s": max(0.0, float(row.get("time_taken_llm") or 0.0)),  # -1 on a failed row
         "error": f"inference_error: {err}" if err else None, "simulated": False,
         "_retries": 0, "_error_kind": "inference_error" if err else None,
-        **({"_cache_key": row["_cache_key"]} if "_cache_key" in row else {}),
     }
 
 
