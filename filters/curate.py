@@ -63,6 +63,10 @@ class CurateConfig(StageConfig):
         0.25, ge=0.0, description="qualities within this of a tier's best tie (then the shorter chain wins); 0 = exact"
     )
     require_correct: bool = Field(True, description="only verdict == 'correct' chains are eligible")
+    workers: int = Field(
+        0, ge=0, description="0: curate in the driver; N: Ray tasks, N at a time, over buckets of problems "
+        "(chains and problems hash-partitioned by problem_id), so no table passes through the driver")
+    bucket_problems: int = Field(20_000, ge=1, description="problems per bucket when workers > 0")
     system_prompt_file: str = Field("sft_system.txt", description="system prompt file: a path, or a name in filters/prompts/")
 
 
@@ -248,14 +252,12 @@ def _attempted(ctx, problem_ids: list[str], chains: list[dict]) -> set[str]:
     return wanted | seen
 
 
-def run(cfg: CurateConfig, ctx) -> Manifest:
-    m = ctx.manifest()
-    sys_prompt = system_prompt(cfg)
-    chains = _read_chains(ctx)
-    m.rows_in = len(chains)
-    problems_t = ctx.read_input("problems")
-    problems = {p["problem_id"]: p for p in problems_t.to_pylist()}
-
+def curate_rows(chains: list[dict[str, Any]], problems: dict[str, dict[str, Any]], attempted: set[str],
+                round_: int, cfg: CurateConfig, sys_prompt: str, m: Manifest
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter]:
+    """(SFT rows, retry rows, filter drop reasons) for the chains of a set of problems; drops and
+    quarantines are counted in `m`. Plain Python: the whole table in the driver, or one bucket of
+    problems in a Ray task (filters/curate_stream.py)."""
     by_problem: dict[str, list[dict]] = defaultdict(list)
     for c in chains:
         if c["problem_id"] in problems:
@@ -264,7 +266,6 @@ def run(cfg: CurateConfig, ctx) -> Manifest:
             m.quarantine("unknown_problem")
     filter_reasons: Counter = Counter()
     rows, retry = [], []
-    attempted = _attempted(ctx, list(problems), chains) & set(problems)
     for pid in sorted(attempted):
         group = by_problem.get(pid, [])
         picked, reasons = select_chains(group, cfg)
@@ -277,29 +278,49 @@ def run(cfg: CurateConfig, ctx) -> Manifest:
         if not picked:
             n_correct = sum(c.get("verdict") == "correct" for c in group)
             retry.append(
-                {"problem_id": pid, "round": ctx.round, "reason": retry_reason(group),
+                {"problem_id": pid, "round": round_, "reason": retry_reason(group),
                  "n_chains": len(group), "n_correct": n_correct}
             )
     # Chains of problems outside this round's attempted set (e.g. a stale retry list) still count.
     for pid, group in by_problem.items():
         if pid not in attempted:
             m.drop("not_attempted", len(group))
+    return rows, retry, filter_reasons
 
+
+def _metrics(m: Manifest, n_attempted: int, n_sft: int, solved: int, retry_reasons: Counter,
+             filter_reasons: Counter, n_retry: int) -> None:
+    m.kept = n_sft
+    m.outputs = {"sft": n_sft, "retry": n_retry}
+    m.metrics.update({
+        "problems_attempted": n_attempted,
+        "problems_solved": solved,
+        "problems_to_retry": n_retry,
+        "retry_reasons": dict(retry_reasons),
+        "filter_drop_reasons": dict(filter_reasons),
+        "samples_per_solved": round(n_sft / solved, 3) if solved else 0.0,
+    })
+
+
+def run(cfg: CurateConfig, ctx) -> Manifest:
+    if cfg.workers > 0:
+        from filters.curate_stream import run_streaming
+
+        return run_streaming(cfg, ctx)
+    m = ctx.manifest()
+    sys_prompt = system_prompt(cfg)
+    chains = _read_chains(ctx)
+    m.rows_in = len(chains)
+    problems_t = ctx.read_input("problems")
+    problems = {p["problem_id"]: p for p in problems_t.to_pylist()}
+    attempted = _attempted(ctx, list(problems), chains) & set(problems)
+    rows, retry, filter_reasons = curate_rows(chains, problems, attempted, ctx.round, cfg, sys_prompt, m)
     with ctx.writer(SFT, "sft") as w:
         w.write(rows)
     with ctx.writer(RETRY, "retry", sub="retry") as w:
         w.write(retry)
-    m.kept = len(rows)
-    m.outputs = {"sft": len(rows), "retry": len(retry)}
     solved = len({r["problem_id"] for r in rows})
-    m.metrics = {
-        "problems_attempted": len(attempted),
-        "problems_solved": solved,
-        "problems_to_retry": len(retry),
-        "retry_reasons": dict(Counter(r["reason"] for r in retry)),
-        "filter_drop_reasons": dict(filter_reasons),
-        "samples_per_solved": round(len(rows) / solved, 3) if solved else 0.0,
-    }
+    _metrics(m, len(attempted), len(rows), solved, Counter(r["reason"] for r in retry), filter_reasons, len(retry))
     log.info("%s: %d chains -> %d SFT samples; %d/%d problems solved, %d to retry",
              ctx.step, len(chains), len(rows), solved, len(attempted), len(retry))
     return m

@@ -328,7 +328,45 @@ def _run_batches(table: pa.Table, cfg: FilterConfig, actor_cls: type = _FilterAc
                       unit="chains", size=lambda b: b.num_rows, logger=log))
 
 
+def _run_streaming(cfg: FilterConfig, ctx) -> Manifest:
+    """workers >= 1 over a generate step's chains: scored and written by the actors (filters/filter_stream.py)."""
+    from filters.filter_stream import run_streaming
+    from pipeline.ray_utils import init_ray
+
+    init_ray()
+    m = ctx.manifest()
+    t0 = time.perf_counter()
+    a = run_streaming(cfg, ctx, m)
+    m.rows_in += a["n_in"]
+    if a["unknown"]:
+        log.warning("filter: %d chains name a problem in no problems table; quarantined", a["unknown"])
+        m.quarantine("unknown_problem", a["unknown"])
+    m.kept = a["kept"]
+    for reason, n in a["drops"].items():
+        m.drop(reason, n)
+    m.outputs["chains"] = a["rows"]
+    m.metrics.update(
+        verdicts=dict(a["verdicts"]), loops=a["loops"],
+        mean_kept_quality=round(a["q_sum"] / m.kept, 4) if m.kept else None,
+        trace_formats=dict(a["formats"]), pred_sources=dict(a["sources"]), truncation=dict(a["cuts"]),
+        verify_s_total=round(a["t_verify"], 3),
+        chains_per_s=round(a["rows"] / max(1e-9, time.perf_counter() - t0), 2),
+        workers=cfg.workers, shards_by_node=dict(a["nodes"]),
+    )
+    warnings = _warnings(cfg, a["formats"], a["verdicts"], a["rows"])
+    if warnings:
+        m.metrics["warnings"] = warnings
+        for w in warnings:
+            log.warning("filter: %s", w)
+    log.info("filter: %d chains | kept %d | verdicts %s | formats %s", a["rows"], m.kept, dict(a["verdicts"]),
+             dict(a["formats"]))
+    return m
+
+
 def run(cfg: FilterConfig, ctx) -> Manifest:
+    chain_dirs = ctx.input_dirs("chains")
+    if cfg.workers > 0 and cfg.source is None and any(shard_files(d) for d in chain_dirs):
+        return _run_streaming(cfg, ctx)
     m = ctx.manifest()
     t0 = time.perf_counter()
     chains, problems = _load_inputs(cfg, ctx, m)

@@ -259,6 +259,70 @@ class ShardWriter:
             self._shutdown()
 
 
+# ---------------------------------------------------------------- shards written by workers
+#
+# A stage whose workers write their own shards opens an *attempt*: a fresh `.attempt-<token>/` folder in
+# the step directory where workers write each shard before renaming it to its real name beside it. The
+# next attempt first renames every older attempt folder away (one atomic rename each), so a straggling
+# worker of a killed driver can no longer publish anything: its tmp path is gone and its rename fails.
+# Shards published before that rename are there when the new attempt reads what is done.
+
+ATTEMPT_PREFIX = ".attempt-"
+
+
+class AttemptFenced(RuntimeError):
+    """A worker of an attempt that a newer attempt has replaced tried to publish a shard."""
+
+
+def open_attempt(directory: Path) -> Path:
+    """Fence off older attempts on `directory` and return a fresh attempt folder (the driver calls this
+    before reading which shards are done)."""
+    import shutil
+    import uuid
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob(ATTEMPT_PREFIX + "*"):
+        dead = old.with_name(f".dead-{old.name[len(ATTEMPT_PREFIX):]}-{uuid.uuid4().hex[:6]}")
+        os.replace(old, dead)
+    for dead in directory.glob(".dead-*"):
+        shutil.rmtree(dead, ignore_errors=True)  # a straggler may still hold a file open there
+    for tmp in directory.glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+    attempt = directory / f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:12]}"
+    attempt.mkdir()
+    return attempt
+
+
+def close_attempt(attempt: Path) -> None:
+    import shutil
+
+    shutil.rmtree(attempt, ignore_errors=True)
+
+
+def shard_name(ids: Iterable[str], prefix: str = "part") -> str:
+    """A shard's name from the row ids it holds: a retried task rewrites the same file, never a second one."""
+    return f"{prefix}-{stable_hash(sorted(ids), n=20)}.parquet"
+
+
+def publish_shard(rows: pa.Table, attempt: Path, name: str, table: str, sub: str | None = None) -> str:
+    """Write `rows` as shard `name` of the step directory that holds `attempt` (or of its `sub` table
+    folder): to the attempt folder, then renamed. Never creates the attempt folder: a fenced attempt
+    raises AttemptFenced."""
+    attempt = Path(attempt)
+    tmp = attempt / f"{sub}-{name}" if sub else attempt / name
+    target = attempt.parent / sub if sub else attempt.parent
+    rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **_arrow_metadata(table)})
+    try:
+        pq.write_table(rows, tmp, compression="zstd")
+        os.replace(tmp, target / name)
+    except FileNotFoundError as e:
+        if not attempt.exists():
+            raise AttemptFenced(f"{attempt} was replaced by a newer attempt; shard {name} not published") from e
+        raise
+    return name
+
+
 def shard_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob(SHARD_GLOB))
 

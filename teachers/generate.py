@@ -3,16 +3,19 @@
     r1v run configs/demo.yaml --stage generate                    # scripted teacher, CPU, seconds
     r1v run configs/r1v-38b.yaml --stage generate                 # R1 on vLLM, tensor parallel 8
 
-One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); `workers: 0` runs the same
-per-batch code in-process without Ray. The vllm engine goes through Ray's `ray.data.llm` processor.
+One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); the vllm engine goes through
+Ray's `ray.data.llm` processor. On Ray the stage streams (teachers/stream.py): the problems are read as
+a Ray Data dataset, the workers render, expand, look up the cache, generate and write their own shards,
+and the driver commits the manifest (vllm: not yet, see there). `workers: 0` runs the same per-batch code
+in-process without Ray.
 
 Per sample: chain_id = stable_hash(problem_id, teacher, round, sample_idx) and seed = stable_hash(run
 seed, chain_id), so a resumed or repeated run asks the same questions. Sampling parameters come from
 the problem row where the assess stage set them (repetition_penalty, max_tokens; also temperature and
-top_p if present), else from this config. Before any engine call the driver looks each sample up in
-the generation cache (teachers/cache.py); results stream back and are written in shards of
-`flush_rows`, so a killed run loses at most one unflushed shard and, resumed (same fingerprint),
-generates only the missing samples. In round r > 0 only the problems on the previous curate step's
+top_p if present), else from this config. Before any engine call each sample is looked up in the
+generation cache (teachers/cache.py); chains are written in shards of at most `flush_rows`, so a killed
+run loses at most the shards being written and, resumed (same fingerprint), generates only the missing
+samples. In round r > 0 only the problems on the previous curate step's
 retry list are generated.
 
 Manifest: rows_in = expected samples; kept = chains without error; engine errors are quarantined by
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
@@ -421,6 +425,26 @@ def _strip(t: pa.Table) -> pa.Table:
 
 def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
     m = ctx.manifest()
+    if cfg.workers == 0 or cfg.engine.kind == "vllm":
+        return _run_in_driver(cfg, ctx, m)
+    from teachers.stream import run_streaming
+
+    m, a = run_streaming(cfg, ctx, m, _cache_dir(cfg, ctx) if cfg.cache else None)
+    acct = _Accounting()
+    acct.t0, acct.engine_s, acct.first_at, acct.first_tokens = a["t0"], a["engine_s"], a["first_at"], a["first_tokens"]
+    acct.engine_requests, acct.cache_hits, acct.retries = a["engine"], a["cache_hits"], a["retries"]
+    acct.prompt_tokens, acct.completion_tokens = a["prompt_tokens"], a["completion_tokens"]
+    acct.engine_completion_tokens = a["engine_completion_tokens"]
+    acct.errors, acct.finish = a["errors"], a["finish"]
+    _finish(m, ctx, acct, a["expected"], a["resumed"])
+    m.metrics["shards_by_node"] = dict(a["nodes"])
+    m.metrics["nodes"] = len(a["nodes"])
+    return m
+
+
+def _run_in_driver(cfg: GenerateConfig, ctx: Any, m: Manifest) -> Manifest:
+    """workers: 0 (the same per-batch code in the driver, without Ray) and the vllm engine (the driver
+    builds the requests and writes the shards; ray.data.llm generates): rows pass through the driver."""
     problems = _load_problems(cfg, ctx, m)
     expected = len(problems) * cfg.samples_per_problem
     m.rows_in += expected
@@ -484,21 +508,28 @@ def _steady(acct: _Accounting) -> float:
 
 def _finish(m: Manifest, ctx: Any, acct: _Accounting, expected: int, resumed: int) -> None:
     """Counts from what is on disk (resumed shards included), so they add up after any restart."""
+    # Arrow columns, not Python lists: the driver's memory stays flat as the pool grows
     if shard_files(ctx.out_dir):
-        out = read_table(ctx.out_dir, ["chain_id", "error"]).to_pydict()
+        out = read_table(ctx.out_dir, ["chain_id", "error"])
     else:
-        out = {"chain_id": [], "error": []}
-    ids = out["chain_id"]
-    if len(ids) != len(set(ids)):
-        dup = [k for k, v in Counter(ids).items() if v > 1][:5]
+        out = pa.table({"chain_id": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+    ids = out.column("chain_id")
+    n = len(ids)
+    if pc.count_distinct(ids).as_py() != n:
+        vc = pc.value_counts(ids)
+        dup = vc.field("values").filter(pc.greater(vc.field("counts"), 1))[:5].to_pylist()
         raise RuntimeError(f"step {ctx.step!r}: duplicate chain ids in {ctx.out_dir}: {dup}")
-    if len(ids) != expected:
-        raise RuntimeError(f"step {ctx.step!r}: {len(ids)} chains written but {expected} expected")
-    errors = Counter(e.split(":", 1)[0] for e in out["error"] if e)
-    m.kept = len(ids) - sum(errors.values())
-    for kind, n in errors.items():
-        m.quarantine(f"engine_error:{kind}", n)
-    m.outputs = {"chains": len(ids)}
+    if n != expected:
+        raise RuntimeError(f"step {ctx.step!r}: {n} chains written but {expected} expected")
+    err = out.column("error").drop_null()
+    errors: Counter[str] = Counter()
+    if len(err):
+        kinds = pc.value_counts(pc.list_element(pc.split_pattern(err, ":", max_splits=1), 0))
+        errors.update(dict(zip(kinds.field("values").to_pylist(), kinds.field("counts").to_pylist(), strict=True)))
+    m.kept = n - sum(errors.values())
+    for kind, k in errors.items():
+        m.quarantine(f"engine_error:{kind}", k)
+    m.outputs = {"chains": n}
     m.metrics.update({
         "requests": acct.engine_requests,
         "cache_hits": acct.cache_hits,
@@ -515,4 +546,4 @@ def _finish(m: Manifest, ctx: Any, acct: _Accounting, expected: int, resumed: in
         "steady_tokens_per_s": _steady(acct),
     })
     log.info("generate: %d chains (%d kept) | requests %d | cache hits %d | retries %d | tok/s %.1f",
-             len(ids), m.kept, acct.engine_requests, acct.cache_hits, acct.retries, m.metrics["tokens_per_s"])
+             n, m.kept, acct.engine_requests, acct.cache_hits, acct.retries, m.metrics["tokens_per_s"])

@@ -7,7 +7,10 @@ configs, seed, output dir) as JSON, so the same worker runs under every launcher
 
 - `local`: one process, this one (CPU tests, one GPU). Starts a one-rank process group itself.
 - `torchrun`: `torchrun --standalone --nproc_per_node N -m trainers.launch SPEC.json`; on CPU the ranks
-  use gloo, on GPUs nccl. Multi-node: run the same command with torchrun's rendezvous flags.
+  use gloo, on GPUs nccl. Multi-node (`Rendezvous`: train.nnodes, train.rdzv_endpoint): the stage runs
+  `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT --rdzv_id ID
+  -m trainers.launch SPEC.json` on its own node and logs that command for the other M-1 nodes (the spec
+  and the step directory sit on storage every node sees).
 - `ray`: `TorchTrainer(train_loop_per_worker, ScalingConfig(num_workers=N, use_gpu=...),
   TorchConfig(backend=gloo|nccl))` on the connected Ray cluster, so a pipeline started with
   `ray job submit -- r1v run CONFIG` trains on the cluster's workers. The storage path is inside the
@@ -97,6 +100,29 @@ def _ray_worker(config: dict) -> None:
     train_worker(config["spec"])
 
 
+class Rendezvous(BaseModel):
+    """torchrun's c10d rendezvous for a run over several nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nnodes: int = Field(ge=1, description="nodes taking part; each runs nproc ranks")
+    endpoint: str = Field(description="HOST:PORT every node reaches (the c10d store runs there)")
+    id: str = Field("r1v-train", description="job id: the same on every node, new for each run")
+
+
+def torchrun_command(spec_path: Path, nproc: int, rdzv: Rendezvous | None = None) -> list[str]:
+    """The torchrun command line for one node (every node runs the same one under a rendezvous)."""
+    if rdzv is None:
+        # --standalone: torchrun's own rendezvous binds a port the OS picks, so no other process can take
+        # it between choosing and binding
+        head = ["--standalone"]
+    else:
+        head = [f"--nnodes={rdzv.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv.endpoint}",
+                f"--rdzv_id={rdzv.id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *head, f"--nproc_per_node={nproc}",
+            "-m", "trainers.launch", str(spec_path)]
+
+
 def _clean_env() -> dict[str, str]:
     """This process's environment minus a one-rank group's variables (a child must not reuse its port)."""
     env = dict(os.environ)
@@ -105,10 +131,15 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: bool | None = None) -> dict:
-    """Run `spec` with the chosen launcher; returns rank 0's result summary."""
+def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: bool | None = None,
+           rdzv: Rendezvous | None = None) -> dict:
+    """Run `spec` with the chosen launcher; returns rank 0's result summary. `rdzv` (torchrun only): this
+    node's part of a multi-node run; the other nodes run the logged command."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"train.launcher={launcher!r}: expected one of {LAUNCHERS}")
+    if rdzv is not None and launcher != "torchrun":
+        raise ValueError(f"train.nnodes / train.rdzv_endpoint need train.launcher=torchrun, not {launcher!r} "
+                         "(Ray Train places its workers on the cluster's nodes itself)")
     # Absolute paths: torchrun ranks start in the repo and Ray Train workers in their own directory.
     spec = spec.model_copy(update={
         "model_dir": str(Path(spec.model_dir).resolve()),
@@ -124,13 +155,11 @@ def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: b
             raise ValueError(f"train.launcher=local runs one process, got train.nproc={nproc}: use torchrun or ray")
         return train_worker(spec)
     if launcher == "torchrun":
-        # --standalone: torchrun's own rendezvous binds a port the OS picks, so no other process can take
-        # it between choosing and binding
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "trainers.launch", str(spec_path),
-        ]
+        cmd = torchrun_command(spec_path, nproc, rdzv)
         log.info("launching: %s", " ".join(cmd))
+        if rdzv is not None and rdzv.nnodes > 1:
+            log.warning("train: waiting for %d more node(s); on each, from the project root, run:\n  %s",
+                        rdzv.nnodes - 1, " ".join(["torchrun", *cmd[3:]]))
         env = _clean_env()
         env.setdefault("OMP_NUM_THREADS", "1")
         repo = str(Path(__file__).resolve().parents[1])

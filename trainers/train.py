@@ -90,7 +90,11 @@ class TrainConfig(LoopConfig):
     launcher: Literal["local", "torchrun", "ray"] = Field(
         "local", description="local: this process; torchrun: nproc local ranks; ray: Ray Train workers"
     )
-    nproc: int = Field(1, ge=1, description="ranks (torchrun) or Ray Train workers")
+    nproc: int = Field(1, ge=1, description="ranks (torchrun: per node) or Ray Train workers (in all)")
+    nnodes: int = Field(1, ge=1, description="torchrun: nodes in the run (> 1 needs rdzv_endpoint)")
+    rdzv_endpoint: str | None = Field(
+        None, description="torchrun: HOST:PORT of the c10d rendezvous every node reaches (e.g. the head node:29400)")
+    rdzv_id: str = Field("r1v-train", description="torchrun: rendezvous job id, the same on every node")
     use_gpu: bool | None = Field(None, description="ray: workers take a GPU each (default: if the cluster has them)")
     freeze: Literal[FREEZE_POLICIES] = Field(  # type: ignore[valid-type]
         "projector_llm", description="projector (align) | projector_llm | lora | full"
@@ -242,7 +246,14 @@ def run(cfg: TrainConfig, ctx: Any) -> Manifest:
         loop=loop,
         seed=ctx.seed("train"),
     )
-    result = launch(spec, cfg.launcher, cfg.nproc, cfg.use_gpu)
+    rdzv = None
+    if cfg.rdzv_endpoint or cfg.nnodes > 1:
+        from trainers.launch import Rendezvous
+
+        if not cfg.rdzv_endpoint:
+            raise ValueError(f"train.nnodes={cfg.nnodes} needs train.rdzv_endpoint=HOST:PORT")
+        rdzv = Rendezvous(nnodes=cfg.nnodes, endpoint=cfg.rdzv_endpoint, id=cfg.rdzv_id)
+    result = launch(spec, cfg.launcher, cfg.nproc, cfg.use_gpu, rdzv)
     records = [json.loads(x) for x in (ctx.out_dir / STEPS_LOG).read_text().splitlines() if x.strip()]
     with ShardWriter(ctx.out_dir, TRAIN_LOG, "train_log", resume=False) as w:
         w.write([{k: r.get(k) for k in TRAIN_LOG.names} for r in records])
