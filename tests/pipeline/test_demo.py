@@ -54,6 +54,7 @@ def _all_manifests(run_dir: Path) -> list[Manifest]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three whole demo runs: longer than the default per-test limit on a shared machine
 @pytest.mark.parametrize("kill_in", ["generate", "filter"])
 def test_demo_sigkill_then_rerun_matches_clean_run(tmp_path, kill_in):
     ref_out = _finish(_r1v(root=tmp_path / "ref"))
