@@ -34,6 +34,15 @@ def test_production_config_carries_the_papers_grpo_recipe(tmp_path):
     steps = expand(cfg)
     names = [s.name for s in steps]
     assert names[-2:] == ["rl", "evaluate-rl"]
+    # efficient transfer first: the projector aligned on the substitute LLM, re-assembled onto the reasoning one
+    by = {s.name: s for s in steps}
+    assert by["align"].inputs == {"sft": ["align-data"], "model": ["align-assemble"]}
+    assert by["assemble"].inputs == {"student": ["align"]} and by["train"].inputs["model"] == ["assemble"]
+    assert "Qwen2.5-32B-Instruct" in cfg.align.substitute.llm_path and "R1-Distill" in cfg.assemble.llm_path
+    assert (cfg.align.lr, cfg.align.warmup_ratio, cfg.align.data.max_len) == (2e-4, 0.03, 16384)
+    assert cfg.assemble.layout == "internvl" and cfg.assemble.pixel_shuffle == 0.5
+    # every phase's student scored on one held-out set, k samples each
+    assert cfg.evaluate.eval_set is not None and cfg.evaluate.eval_set.samples == 8
     rl_step, ev = steps[-2], steps[-1]
     assert rl_step.inputs["model"] == ["train-t4"] and rl_step.inputs["problems"]
     assert ev.inputs["model"] == ["rl"]
