@@ -136,7 +136,8 @@ def run_streaming(cfg: Any, ctx: Any, m: Any) -> dict[str, Any]:
                 compute=ray.data.ActorPoolStrategy(size=workers), batch_size=1, batch_format="pyarrow",
                 num_cpus=cfg.cpus_per_worker)
             stats = ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
-            for b in track(stats, "filter", total=len(units), unit="shards", size=lambda b: b.num_rows, logger=log):
+            rows = lambda b: sum(b.column("rows").to_pylist()) + sum(b.column("unknown").to_pylist())  # noqa: E731
+            for b in track(stats, "filter", total=n_in, unit="chains", size=rows, logger=log):
                 for row in b.to_pylist():
                     for k in ("rows", "unknown", "kept", "loops", "q_sum", "t_verify"):
                         acc[k] += row[k]

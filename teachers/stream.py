@@ -241,9 +241,12 @@ def read_problems(desc: dict[str, Any], allow: pa.Array | None, skip: dict[int, 
     import numpy as np
 
     t = pq.ParquetFile(desc["file"]).read_row_group(int(desc["row_group"]))
+    if desc.get("length") is not None:
+        t = t.slice(int(desc["start"]), int(desc["length"]))
     drop = skip.get(int(desc["file_idx"]))
     if drop:
-        pos = np.arange(int(desc["offset"]), int(desc["offset"]) + t.num_rows)
+        first = int(desc["offset"]) + int(desc.get("start") or 0)
+        pos = np.arange(first, first + t.num_rows)
         t = t.filter(pa.array(~np.isin(pos, np.asarray(drop))))
     if allow is not None:
         t = t.filter(pc.is_in(t.column("problem_id"), value_set=allow))
@@ -251,14 +254,20 @@ def read_problems(desc: dict[str, Any], allow: pa.Array | None, skip: dict[int, 
         yield t.slice(i, rows)
 
 
-def _read_units(files: list[Path]) -> list[dict[str, Any]]:
+def _read_units(files: list[Path], max_rows: int | None = None) -> list[dict[str, Any]]:
+    """One unit per row group, or per slice of at most `max_rows` rows of one: read tasks spread over the
+    nodes (Ray Data then feeds each node's actors from the blocks read there)."""
     units = []
     for i, f in enumerate(files):
         md, off = pq.ParquetFile(f).metadata, 0
         for g in range(md.num_row_groups):
-            # absolute: a worker on another node (or in another working directory) opens it
-            units.append({"file": str(Path(f).resolve()), "file_idx": i, "row_group": g, "offset": off})
-            off += md.row_group(g).num_rows
+            n = md.row_group(g).num_rows
+            step = max_rows or max(n, 1)
+            for start in range(0, max(n, 1), step):
+                # absolute: a worker on another node (or in another working directory) opens it
+                units.append({"file": str(Path(f).resolve()), "file_idx": i, "row_group": g, "offset": off,
+                              "start": start, "length": min(step, n - start) if n else 0})
+            off += n
     return units
 
 
@@ -285,8 +294,8 @@ def stream(cfg: Any, ctx: Any, m: Manifest, cache_dir: Path | None) -> tuple[Ite
             if shard_files(ctx.out_dir) else pa.array([], pa.string()))
     plan = _Plan(cfg, ctx.round, ctx.run_config.run.seed, attempt, cache_dir, ray.put(done) if len(done) else None)
     per_call = max(1, cfg.flush_rows // cfg.samples_per_problem)
-    units = _read_units(files)
-    # One read task per row group. Reads take no CPU slot: the engine actors may hold every CPU, and a
+    units = _read_units(files, max_rows=per_call * 4)
+    # One read task per slice of a row group. Reads take no CPU slot: the engine actors may hold every CPU, and a
     # read that waited for one would never run (Ray Data's streaming backpressure still bounds them).
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
         _read_batches, fn_kwargs={"allow": allow, "skip": skip, "rows": per_call}, batch_size=1,
