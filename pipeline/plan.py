@@ -141,6 +141,9 @@ PLAN: tuple[Phase, ...] = (
         Entry("pairs", name="align-data", config=_align_pairs, provides=("pairs",)),
         Entry("assemble", name="align-assemble", config=_align_substitute, provides=("substitute",)),
         Entry("align", {"sft": Use("pairs"), "model": Use("substitute")}, ("aligned",)),
+        # the aligned student (substitute LLM) scored on the held-out set like every later phase's; its
+        # wrong list feeds no round (nothing consumes it)
+        Entry("evaluate", {"model": Use("aligned"), "problems": PROBLEMS}, name="evaluate-align"),
     ), requires=("align", "assemble")),
     Phase("student", (Entry("assemble", {"student": Use("aligned")}, ("model",)),), requires=("train",)),
     # Skywork R1V hybrid SFT: the initial SFT, then iterative rounds on tau and the wrongly answered

@@ -41,6 +41,7 @@ DEMO_STEPS = {
     "align-data": {},
     "align-assemble": {},
     "align": {"sft": ["align-data"], "model": ["align-assemble"]},
+    "evaluate-align": {"model": ["align"], "problems": ["caption"]},
     "assemble": {"student": ["align"]},
     "train": {"sft": ["curate", "curate-r1", "curate-r2"], "model": ["assemble"]},
     "evaluate": {"model": ["train"], "problems": ["caption"]},
