@@ -28,7 +28,7 @@ def _config(root: Path) -> Path:
         "run": {"name": "cut", "root": str(root), "seed": 0},
         "ray": {"num_cpus": 2},
         "ingest": {"sources": [{"kind": "synthetic", "synthetic": {"n": 16, "seed": 0}}]},
-        "assess": {"budget": {"min_tokens": 16, "max_tokens": 64, "multiple_of": 8}, "workers": 0},
+        "assess": {"budget": {"min_tokens": 384, "max_tokens": 1536}, "workers": 0},
         "generate": {"engine": {"kind": "scripted"}, "samples_per_problem": 2, "workers": 1},
         "filter": {"workers": 1},
         "curate": {},
