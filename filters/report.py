@@ -40,7 +40,7 @@ from filters.report_parts import (
     table,
     verdict_colour,
 )
-from filters.report_train import section_evaluation, section_examples, section_training
+from filters.report_train import section_evaluation, section_examples, section_rl, section_training
 from pipeline.rundir import MANIFEST, Manifest, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -356,6 +356,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         section_drops(d, out_dir),
         section_rounds(d, out_dir),
         section_training(d, out_dir),
+        section_rl(d, out_dir),
         section_evaluation(d, out_dir),
         section_examples(d),
     ]

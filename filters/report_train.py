@@ -78,6 +78,88 @@ def section_training(d: RunData, out_dir: Path) -> Section:
     return sec
 
 
+# --- reinforcement learning ---------------------------------------------------------------------------
+
+RL_COLUMNS = ["step", "reward", "reward_std", "accuracy_mean", "format_mean", "length_mean", "kl", "clip_ratio",
+              "completion_len", "tok_s", "groups", "zero_std_groups", "accuracy_timeouts", "gen_s", "reward_s",
+              "update_s", "step_s"]
+
+
+def rl_logs(d: RunData) -> list[tuple[str, pl.DataFrame]]:
+    """(rl step, its per-optimizer-step log: table rl_log) for every rl step with one, in pipeline order."""
+    out = []
+    for m in d.steps("rl"):
+        log = scan(d.run_dir / m.step, RL_COLUMNS)
+        if log is not None and log.height and "reward" in log.columns:
+            out.append((m.step, log.sort("step")))
+    return out
+
+
+def _first_last(lg: pl.DataFrame, col: str, n: int = 5) -> tuple[float | None, float | None]:
+    """Means of `col` over the first and the last n steps (smoothed: GRPO rewards are noisy per step)."""
+    if col not in lg.columns:
+        return None, None
+    v = lg[col].drop_nulls().drop_nans()
+    if not v.len():
+        return None, None
+    k = max(1, min(n, v.len() // 2 or 1))
+    return float(v.head(k).mean()), float(v.tail(k).mean())
+
+
+def section_rl(d: RunData, out_dir: Path) -> Section:
+    sec = Section("rl", "Reinforcement learning: rewards per component, KL, completion length")
+    logs = rl_logs(d)
+    if not logs:
+        return missing(sec, "the rl step has no per-step log" if d.has("rl") else "no rl step in this run")
+    rows = []
+    for name, lg in logs:
+        cells = [name, lg.height]
+        for col in ("reward", "accuracy_mean", "format_mean", "length_mean"):
+            a, b = _first_last(lg, col)
+            cells.append(None if a is None else f"{a:.3f} → {b:.3f}")
+        groups = int(lg["groups"].sum()) if "groups" in lg.columns else None
+        zero = int(lg["zero_std_groups"].sum()) if "zero_std_groups" in lg.columns else None
+        cells += [f"{zero} / {groups}" if groups else None,
+                  int(lg["accuracy_timeouts"].sum()) if "accuracy_timeouts" in lg.columns else None,
+                  lg["kl"].drop_nulls().tail(1).item() if "kl" in lg.columns and lg["kl"].drop_nulls().len() else None,
+                  lg["completion_len"].mean() if "completion_len" in lg.columns else None,
+                  lg["tok_s"].mean() if "tok_s" in lg.columns else None]
+        split = [lg[c].sum() if c in lg.columns else None for c in ("gen_s", "reward_s", "update_s")]
+        total = sum(x for x in split if x) or None
+        cells.append(" / ".join(f"{100 * x / total:.0f}%" for x in split if x is not None) if total else None)
+        rows.append(cells)
+    sec.body = ("<p>GRPO after the SFT rounds, one point per optimizer step. Rewards are the group means per "
+                "component (first → last five steps); groups whose rewards are all equal carry no advantage and "
+                "are counted; a verifier check past its deadline scores 0 and is counted as a timeout.</p>"
+                + table(["step", "optimizer steps", "reward", "accuracy", "format", "length", "equal-reward groups",
+                         "verifier timeouts", "final KL", "mean completion tokens", "tok/s",
+                         "time: generation / reward / update"], rows))
+    p = plt()
+    panels = [("reward", ["reward", "accuracy_mean", "format_mean", "length_mean"]), ("KL", ["kl"]),
+              ("completion tokens", ["completion_len"])]
+    panels = [(t, [c for c in cols if all(c in lg.columns for _, lg in logs)]) for t, cols in panels]
+    panels = [(t, cols) for t, cols in panels if cols]
+    fig, axes = p.subplots(len(panels), 1, figsize=(7.5, 2.2 * len(panels) + 0.4), sharex=True, squeeze=False)
+    offset = 0
+    for i, (_name, lg) in enumerate(logs):
+        xs = [offset + x for x in lg["step"].to_list()]
+        for ax, (_, cols) in zip(axes[:, 0], panels, strict=True):
+            for j, c in enumerate(cols):
+                ax.plot(xs, lg[c].to_list(), marker="o", markersize=2.5, linewidth=1.3,
+                        color=SERIES[j % len(SERIES)], label=c.removesuffix("_mean") if not i else None)
+            if i:
+                ax.axvline(offset + 0.5, color="#999", linestyle="--", linewidth=0.8)
+        offset = xs[-1] if xs else offset
+    for ax, (title, cols) in zip(axes[:, 0], panels, strict=True):
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if len(cols) > 1:
+            ax.legend(fontsize=8, ncol=len(cols))
+    axes[-1, 0].set_xlabel("optimizer step")
+    save(fig, out_dir, "rl_curves", sec)
+    return sec
+
+
 # --- evaluation --------------------------------------------------------------------------------------
 
 

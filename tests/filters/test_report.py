@@ -43,8 +43,8 @@ def test_report_on_partial_run_says_what_is_missing(tmp_path):
     write_step(run, "ingest", PROBLEMS, "problems", _problems(3))
     page = write_report(run).read_text()
     assert "<h2>Steps and counts</h2>" in page and "<td>ingest</td>" in page
-    # lengths, correctness, penalty, rounds, training, evaluation, examples
-    assert page.count('class="missing"') == 7
+    # lengths, correctness, penalty, rounds, training, rl, evaluation, examples
+    assert page.count('class="missing"') == 8
     assert "no filter step output" in page and "no generate / filter / curate step" in page
     assert not list((run / "report").glob("*.png"))  # no drop happened, nothing to plot
 
@@ -63,7 +63,7 @@ def test_report_numbers_follow_the_run(tmp_path):
                  "problems_attempted": 4, "problems_solved": m.metrics["problems_solved"],
                  "problems_to_retry": m.metrics["problems_to_retry"]}
     page = write_report(run).read_text()
-    assert page.count('class="missing"') == 2  # no train, no evaluate step
+    assert page.count('class="missing"') == 3  # no train, no rl, no evaluate step
     for png in ("chain_lengths", "correctness_by_difficulty", "penalty_vs_length", "drop_reasons", "yield_per_round"):
         assert (run / "report" / f"{png}.png").exists()
     # 12 chains, penalties 1.00 .. 1.22, tokens rising with them: a perfect positive correlation.
@@ -99,6 +99,13 @@ def _full_run(tmp_path, with_assess: bool = True):
         rows = [{"step": s, "epoch": 0, "loss": 5.0 - 0.1 * s - t, "lr": 1e-3 * (1 - s / 10), "grad_norm": 1.0 + 0.01 * s,
                  "tokens": 100, "tok_s": 1.0, "mfu": 0.0, "step_s": 0.1} for s in range(1, 9)]
         write_step(run, name, TRAIN_LOG, "train_log", rows, stage="train", round_=t)
+    from trainers.rl import RL_LOG
+
+    rl_rows = [{"step": s, "reward": 0.1 * s, "reward_std": 0.2, "accuracy_mean": 0.0, "format_mean": 0.05 * s,
+                "length_mean": -0.01, "kl": 0.001 * s, "completion_len": 20.0, "tok_s": 50.0, "groups": 4,
+                "zero_std_groups": 1 if s % 2 else 0, "accuracy_timeouts": 1 if s == 3 else 0, "gen_s": 0.6,
+                "reward_s": 0.1, "update_s": 0.3} for s in range(1, 11)]
+    write_step(run, "rl", RL_LOG, "rl_log", rl_rows, stage="rl", round_=0)
     for t, (name, model) in enumerate((("evaluate", "train"), ("evaluate-t1", "train-t1"))):
         m = Manifest(stage="evaluate", step=name, round=t, rows_in=8, kept=8, metrics={
             "accuracy": 0.25 + 0.25 * t, "verdicts": {"correct": 2 + 2 * t, "wrong": 6 - 2 * t},
@@ -124,6 +131,10 @@ def test_report_training_evaluation_examples(tmp_path):
     ev = _section(page, "evaluation")
     assert "evaluate (model of train)" in ev and "evaluate-t1 (model of train-t1)" in ev
     assert "Accuracy by subject" in ev and "0.50 (n=4)" in ev and "Accuracy by difficulty" in ev
+    rl = _section(page, "rl")
+    # 10 steps; format mean over the first five 0.15 -> last five 0.40; 5 of 40 groups all-equal; 1 timeout
+    assert "<td>rl</td><td>10</td>" in rl and "0.150 → 0.400" in rl and "5 / 40" in rl
+    assert "verifier timeouts" in rl and "60% / 10% / 30%" in rl
     ex = _section(page, "examples")
     assert ex.count("class='card kept'") == 1
     # one dropped card per reason: wrong, truncated, looping
@@ -133,11 +144,11 @@ def test_report_training_evaluation_examples(tmp_path):
     assert ex.count('extracted answer: <mark class="answer">') == 4
     assert "\\boxed{<mark class=\"answer\">1</mark>}" in ex  # the kept chain's answer, marked in its trace
     assert ex.count("· gold: <code>") == 4
-    for png in ("training_curves", "evaluation_accuracy"):
+    for png in ("training_curves", "rl_curves", "evaluation_accuracy"):
         assert (run / "report" / f"{png}.png").exists()
     # sections in pipeline order
     keys = [k.split('"')[0] for k in page.split('<section id="')[1:]]
-    assert keys == ["steps", "lengths", "correctness", "penalty", "drops", "rounds", "training", "evaluation", "examples"]
+    assert keys == ["steps", "lengths", "correctness", "penalty", "drops", "rounds", "training", "rl", "evaluation", "examples"]
 
 
 def test_drops_counted_once_and_adds_up_explained(tmp_path):
