@@ -115,7 +115,7 @@ def _align_substitute(cfg: Any) -> Any:
 
 
 def _rl_needs_model(cfg: Any) -> str:
-    return "rl: no student to start from (configure assemble and train before it)"
+    return "rl: no student to start from (configure assemble and train before it, or set rl=null)"
 
 
 PROBLEMS = Use("problems")

@@ -109,7 +109,7 @@ def test_ray_job_submit_runs_the_whole_demo(ray_head, tmp_path):
 
 # The data steps of the demo (generate with its cache, filter, curate, three rounds); the trainer's
 # sections are switched off on the command line.
-_DATA_ONLY = ["assemble=null", "train=null", "evaluate=null"]
+_DATA_ONLY = ["assemble=null", "train=null", "evaluate=null", "rl=null"]
 
 
 def _manifest_stamps(run_dir: Path) -> dict[str, int]:

@@ -33,7 +33,7 @@ ENV.pop("RAY_ADDRESS", None)
 # Two actors per stage, so each node holds one; small shards and 0.3 s per simulated request, so the
 # second actor (its worker process starts on the other node, slowly on a loaded machine) is up before
 # the first has done everything. One round: the later rounds add time, not coverage.
-DATA = ["assemble=null", "train=null", "evaluate=null", "rounds.count=1", "generate.workers=2",
+DATA = ["assemble=null", "train=null", "evaluate=null", "rl=null", "rounds.count=1", "generate.workers=2",
         "generate.flush_rows=8", "generate.engine.latency_s=0.3",
         "filter.workers=2", "curate.workers=2", "curate.bucket_problems=40"]
 

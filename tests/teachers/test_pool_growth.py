@@ -14,7 +14,7 @@ from pipeline.rundir import Manifest, read_table
 from pipeline.runner import Runner
 from tests.pipeline.test_state import REPO
 
-_DATA_ONLY = ["assemble=null", "train=null", "evaluate=null", "generate.workers=0", "caption.workers=0"]
+_DATA_ONLY = ["assemble=null", "train=null", "evaluate=null", "rl=null", "generate.workers=0", "caption.workers=0"]
 
 
 def _run(tmp_path, n: int, *extra: str) -> Runner:

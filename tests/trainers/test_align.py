@@ -113,7 +113,7 @@ def test_without_an_align_section_assemble_has_no_inputs(tmp_path):
     assert not any(s.phase == "align" for s in steps)
     assert next(s for s in steps if s.name == "assemble").inputs == {}
     # without an assemble section (a data-only run) there is no student to align: the phase is left out
-    steps = expand(load_config(REPO / DEMO, [f"run.root={tmp_path}", "assemble=null", "train=null", "evaluate=null"]))
+    steps = expand(load_config(REPO / DEMO, [f"run.root={tmp_path}", "assemble=null", "train=null", "evaluate=null", "rl=null"]))
     assert steps[-1].name == "curate-r2" and not any(s.phase == "align" for s in steps)
 
 
@@ -161,7 +161,8 @@ def test_a_reasoning_llm_of_another_hidden_size_is_refused(run, tmp_path):
     Runner(load_config(REPO / DEMO, [*pretrained, f"assemble.llm_path={reasoner}"])).run(until="assemble")
     runner = Runner(load_config(REPO / DEMO, [*pretrained, f"assemble.llm_path={wide}"]))
     assert {s.name: runner.state(s)[0] for s in runner.steps if s.phase == "align"} == {
-        "align-data": "done", "align-assemble": "done", "align": "done"}  # the reasoning LLM is assemble's alone
+        "align-data": "done", "align-assemble": "done", "align": "done", "evaluate-align": "done"}
+    # (the reasoning LLM is assemble's alone)
     with pytest.raises(ReassemblyError, match="hidden size mismatch") as err:
         runner.run(from_="assemble", until="assemble")
     assert str(wide) in str(err.value)

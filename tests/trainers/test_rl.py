@@ -131,12 +131,14 @@ def test_sigkill_after_a_checkpoint_resumes_with_the_log_at_the_same_step(tiny_s
     (out / "spec.json").write_text(spec.model_dump_json())
     cmd = [sys.executable, "-m", "trainers.rl_worker", str(out / "spec.json")]
     env = dict(os.environ, R1V_PROGRESS="0")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    err = tmp_path / "worker.err"
+    with err.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=fh)
     deadline = time.time() + 600
     ckpt = out / "checkpoints" / "checkpoint-8" / "trainer_state.json"
     while not (ckpt.exists() and (out / "steps.jsonl").exists() and len(_steps(out)) >= 10):
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed: " + \
+            err.read_text()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
