@@ -130,7 +130,10 @@ def test_sigkill_after_a_checkpoint_resumes_with_the_log_at_the_same_step(tiny_s
     out.mkdir()
     (out / "spec.json").write_text(spec.model_dump_json())
     cmd = [sys.executable, "-m", "trainers.rl_worker", str(out / "spec.json")]
-    env = dict(os.environ, R1V_PROGRESS="0")
+    from trainers.launch import _clean_env
+
+    # as the launchers start a child: without the one-rank group variables an in-process train left behind
+    env = dict(_clean_env(), R1V_PROGRESS="0")
     err = tmp_path / "worker.err"
     with err.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=fh)
