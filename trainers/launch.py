@@ -110,7 +110,8 @@ class Rendezvous(BaseModel):
     id: str = Field("r1v-train", description="job id: the same on every node, new for each run")
 
 
-def torchrun_command(spec_path: Path, nproc: int, rdzv: Rendezvous | None = None) -> list[str]:
+def torchrun_command(spec_path: Path, nproc: int, rdzv: Rendezvous | None = None,
+                     module: str = "trainers.launch") -> list[str]:
     """The torchrun command line for one node (every node runs the same one under a rendezvous)."""
     if rdzv is None:
         # --standalone: torchrun's own rendezvous binds a port the OS picks, so no other process can take
@@ -120,7 +121,20 @@ def torchrun_command(spec_path: Path, nproc: int, rdzv: Rendezvous | None = None
         head = [f"--nnodes={rdzv.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv.endpoint}",
                 f"--rdzv_id={rdzv.id}"]
     return [sys.executable, "-m", "torch.distributed.run", *head, f"--nproc_per_node={nproc}",
-            "-m", "trainers.launch", str(spec_path)]
+            "-m", module, str(spec_path)]
+
+
+def run_torchrun(cmd: list[str], spec_path: Path) -> None:
+    """Run a torchrun command line from the project root, in a clean environment (no one-rank group
+    variables of this process, one OMP thread per rank unless set, the project on PYTHONPATH)."""
+    log.info("launching: %s", " ".join(cmd))
+    env = _clean_env()
+    env.setdefault("OMP_NUM_THREADS", "1")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(cmd, env=env, cwd=repo)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {proc.returncode} (logs above; spec {spec_path})")
 
 
 def _clean_env() -> dict[str, str]:
@@ -156,17 +170,10 @@ def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: b
         return train_worker(spec)
     if launcher == "torchrun":
         cmd = torchrun_command(spec_path, nproc, rdzv)
-        log.info("launching: %s", " ".join(cmd))
         if rdzv is not None and rdzv.nnodes > 1:
             log.warning("train: waiting for %d more node(s); on each, from the project root, run:\n  %s",
                         rdzv.nnodes - 1, " ".join(["torchrun", *cmd[3:]]))
-        env = _clean_env()
-        env.setdefault("OMP_NUM_THREADS", "1")
-        repo = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.run(cmd, env=env, cwd=repo)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun exited with {proc.returncode} (logs above; spec {spec_path})")
+        run_torchrun(cmd, spec_path)
     else:
         _launch_ray(spec, nproc, use_gpu)
     result = out / RESULT
@@ -175,7 +182,9 @@ def launch(spec: WorkerSpec, launcher: str = "local", nproc: int = 1, use_gpu: b
     return json.loads(result.read_text())
 
 
-def _launch_ray(spec: WorkerSpec, nproc: int, use_gpu: bool | None) -> None:
+def _launch_ray(spec: Any, nproc: int, use_gpu: bool | None, worker: Any = None, name: str = "ray_train") -> None:
+    """Ray Train's TorchTrainer over `nproc` workers running `worker(config)` (default: train's), gloo on
+    CPU, nccl when the workers take GPUs; its files under `<out_dir>/ray/<name>`."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -187,13 +196,13 @@ def _launch_ray(spec: WorkerSpec, nproc: int, use_gpu: bool | None) -> None:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= nproc
     trainer = TorchTrainer(
-        _ray_worker,
+        worker or _ray_worker,
         train_loop_config={"spec": spec.model_dump(), "env": quiet_env()},
         scaling_config=ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ray_train", storage_path=str(Path(spec.out_dir).resolve() / "ray")),
+        run_config=RunConfig(name=name, storage_path=str(Path(spec.out_dir).resolve() / "ray")),
     )
-    log.info("Ray Train: %d workers (use_gpu=%s)", nproc, use_gpu)
+    log.info("Ray Train: %d %s workers (use_gpu=%s)", nproc, name, use_gpu)
     trainer.fit()
 
 

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -247,7 +246,7 @@ def _ray_worker(config: dict) -> None:
 
 def launch(spec: Any, launcher: str = "local", nproc: int = 1, use_gpu: bool | None = None) -> dict:
     """Run the worker with the chosen launcher; returns rank 0's summary."""
-    from trainers.launch import LAUNCHERS, _clean_env
+    from trainers.launch import LAUNCHERS, _launch_ray, run_torchrun, torchrun_command
     from trainers.rl import read_result
 
     if launcher not in LAUNCHERS:
@@ -263,41 +262,10 @@ def launch(spec: Any, launcher: str = "local", nproc: int = 1, use_gpu: bool | N
             raise ValueError(f"rl.launcher=local runs one process, got rl.nproc={nproc}: use torchrun or ray")
         return rl_worker(spec)
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainers.rl_worker", str(spec_path)]
-        log.info("launching: %s", " ".join(cmd))
-        env = _clean_env()
-        env.setdefault("OMP_NUM_THREADS", "1")
-        repo = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.run(cmd, env=env, cwd=repo)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun exited with {proc.returncode} (logs above; spec {spec_path})")
+        run_torchrun(torchrun_command(spec_path, nproc, module="trainers.rl_worker"), spec_path)
     else:
-        _launch_ray(spec, nproc, use_gpu)
+        _launch_ray(spec, nproc, use_gpu, worker=_ray_worker, name="ray_rl")
     return read_result(out)
-
-
-def _launch_ray(spec: Any, nproc: int, use_gpu: bool | None) -> None:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.logging import quiet_env
-    from pipeline.ray_utils import init_ray
-
-    init_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= nproc
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"spec": spec.model_dump(), "env": quiet_env()},
-        scaling_config=ScalingConfig(num_workers=nproc, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ray_rl", storage_path=str(Path(spec.out_dir).resolve() / "ray")),
-    )
-    log.info("Ray Train: %d rl workers (use_gpu=%s)", nproc, use_gpu)
-    trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:
