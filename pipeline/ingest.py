@@ -74,12 +74,13 @@ class SyntheticConfig(StageConfig):
     kinds: list[str] = Field(default_factory=list, description="subset of pipeline.synthetic.KINDS; empty = all")
 
 
-class SourceConfig(StageConfig):
+class SourceBase(StageConfig):
+    """Where a source's rows are and how many to read; each kind of source adds its column map."""
+
     kind: Literal["jsonl", "parquet", "hf", "synthetic"] = Field(description="source format")
     path: str | None = Field(None, description="file or directory (not for synthetic)")
     name: str | None = Field(None, description="label written to the `source` column (default: file stem)")
     split: str | None = Field(None, description="split of an HF DatasetDict")
-    columns: ColumnMap = Field(default_factory=ColumnMap)
     limit: int | None = Field(None, ge=1, description="read at most this many rows of this source")
     synthetic: SyntheticConfig | None = None
 
@@ -89,6 +90,10 @@ class SourceConfig(StageConfig):
         if self.kind == "synthetic":
             return "synthetic"
         return Path(self.path or "").stem or "source"
+
+
+class SourceConfig(SourceBase):
+    columns: ColumnMap = Field(default_factory=ColumnMap)
 
 
 class IngestConfig(StageConfig):

@@ -38,7 +38,7 @@ from pipeline.ingest import (
     ROW_GROUP_BYTES,
     IngestError,
     RowError,
-    SyntheticConfig,
+    SourceBase,
     _load_images,
     _quarantine_row,
     normalise_answer,
@@ -71,21 +71,8 @@ class PairColumns(StageConfig):
 _SYNTHETIC_COLUMNS = PairColumns(images="images", caption=None, question="question", answer="answer", choices="choices")
 
 
-class PairSourceConfig(StageConfig):
-    kind: Literal["jsonl", "parquet", "hf", "synthetic"] = Field(description="source format (as for ingest)")
-    path: str | None = Field(None, description="file or directory (not for synthetic)")
-    name: str | None = Field(None, description="label of the source in the manifest (default: file stem)")
-    split: str | None = Field(None, description="split of an HF DatasetDict")
+class PairSourceConfig(SourceBase):
     columns: PairColumns = Field(default_factory=PairColumns)
-    limit: int | None = Field(None, ge=1, description="read at most this many rows of this source")
-    synthetic: SyntheticConfig | None = None
-
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        if self.kind == "synthetic":
-            return "synthetic"
-        return Path(self.path or "").stem or "source"
 
     def column_map(self) -> PairColumns:
         return _SYNTHETIC_COLUMNS if self.kind == "synthetic" else self.columns
