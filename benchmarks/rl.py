@@ -90,7 +90,7 @@ def _median(xs: list[float]) -> float:
 
 
 def run_ours(spec, warmup: int) -> dict:
-    from trainers.grpo import read_steps
+    from trainers.loop import read_steps
     from trainers.rl_worker import build_trainer
 
     trainer, funcs, _ = build_trainer(spec)

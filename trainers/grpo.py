@@ -35,6 +35,8 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from trainers.loop import read_steps
+
 log = logging.getLogger(__name__)
 
 ZERO_STD_MODES = ("keep", "skip", "buffer")
@@ -229,19 +231,6 @@ def join_rows(rows: list[dict], like: dict, pad_id: int, device: Any) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # one log row per optimizer step
-
-
-def read_steps(path: Path) -> list[dict]:
-    """The step records of a killed run; a line torn by the kill (the last one) is skipped."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: skipping a torn line %r", path, line[:80])
-    return out
 
 
 def step_record(logs: dict, step: int, components: list[str], tokens: float) -> dict:

@@ -430,9 +430,12 @@ class CheckpointClock:
         self.cost, self.last = cost, self.now()
 
 
-def _read_steps(path: Path) -> list[dict]:
-    """The step records of a killed run; a line torn by the kill (the last one) is skipped."""
+def read_steps(path: Path) -> list[dict]:
+    """The step records of a killed run (train's and rl's steps.jsonl); a line torn by the kill (the last
+    one) is skipped."""
     out = []
+    if not path.exists():
+        return out
     for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
@@ -506,7 +509,7 @@ def train_loop(
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             if steps_log.exists():  # drop steps after the checkpoint: they are recomputed identically
-                records = [r for r in _read_steps(steps_log) if r["step"] <= step]
+                records = [r for r in read_steps(steps_log) if r["step"] <= step]
             steps_log.write_text("".join(json.dumps(r) + "\n" for r in records))
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -228,7 +228,7 @@ def run(cfg: RLConfig, ctx: Any) -> Manifest:
                         cfg=cfg.model_dump(mode="json"), seed=ctx.seed("rl") % (2**31),
                         system_prompt=system_prompt(CurateConfig(system_prompt_file=cfg.system_prompt_file)))
     result = launch(spec, cfg.launcher, cfg.nproc, cfg.use_gpu)
-    from trainers.grpo import read_steps
+    from trainers.loop import read_steps
 
     records = read_steps(ctx.out_dir / STEPS_LOG)
     with ShardWriter(ctx.out_dir, RL_LOG, "rl_log", resume=False) as w:
