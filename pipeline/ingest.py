@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -497,6 +497,33 @@ def _dedupe(items, seen: set[str], dedupe: bool) -> Iterator[tuple[str, dict]]:
             yield kind, row
 
 
+def write_sorted(rows: Iterable[tuple[str, str, dict]], keep: str, stage: str, out: ShardWriter, quar: ShardWriter,
+                 m: Manifest, per_source: dict[str, dict[str, int]]) -> None:
+    """Route (kind, source label, row) items as ingest does: rows of kind `keep` to `out` in Arrow batches,
+    `duplicate` counted as a drop, anything else quarantined with its reason; counts per source in
+    `per_source` and in the manifest (rows_in, kept, dropped, quarantined)."""
+    batch: list[dict] = []
+    for kind, label, row in track(rows, stage, total=None, unit="rows", logger=log):
+        m.rows_in += 1
+        stats = per_source.setdefault(label, {"rows": 0, "kept": 0})
+        stats["rows"] += 1
+        if kind == keep:
+            batch.append(row)
+            if len(batch) >= _BATCH_ROWS:
+                out.write(pa.Table.from_pylist(batch, schema=out.schema.remove_metadata()))
+                batch = []
+            m.kept += 1
+            stats["kept"] += 1
+        elif kind == "duplicate":
+            m.drop("duplicate")
+        else:
+            quar.write([row])
+            m.quarantine(row["reason"])
+            log.warning("%s: quarantined %s", stage, row["error"])
+    if batch:
+        out.write(pa.Table.from_pylist(batch, schema=out.schema.remove_metadata()))
+
+
 def run(cfg: IngestConfig, ctx) -> Manifest:
     problems = preflight(cfg)
     if problems:
@@ -506,28 +533,9 @@ def run(cfg: IngestConfig, ctx) -> Manifest:
     # ctx.writer's directory and resume rule, streamed in row groups (see ROW_GROUP_BYTES)
     problems_out = ShardWriter(ctx.out_dir, PROBLEMS, "problems", rows_per_shard=cfg.rows_per_shard,
                                resume=ctx.resume, row_group_bytes=ROW_GROUP_BYTES)
-    batch: list[dict] = []
     with problems_out as out, ctx.writer(QUARANTINE, "quarantine", sub="quarantine") as quar:
         rows = load_sources(cfg.sources, cfg.limit, cfg.dedupe, cfg.image_threads, cfg.image_check)
-        for kind, row in track(rows, "ingest", total=None, unit="rows", logger=log):
-            m.rows_in += 1
-            stats = per_source.setdefault(row["source"], {"rows": 0, "kept": 0})
-            stats["rows"] += 1
-            if kind == "problem":
-                batch.append(row)
-                if len(batch) >= _BATCH_ROWS:
-                    out.write(pa.Table.from_pylist(batch, schema=PROBLEMS))
-                    batch = []
-                m.kept += 1
-                stats["kept"] += 1
-            elif kind == "duplicate":
-                m.drop("duplicate")
-            else:
-                quar.write([row])
-                m.quarantine(row["reason"])
-                log.warning("quarantined %s", row["error"])
-        if batch:
-            out.write(pa.Table.from_pylist(batch, schema=PROBLEMS))
+        write_sorted(((kind, row["source"], row) for kind, row in rows), "problem", "ingest", out, quar, m, per_source)
     m.outputs = {"problems": m.kept, "quarantine": sum(m.quarantined.values())}
     m.metrics["per_source"] = per_source
     if m.kept == 0:

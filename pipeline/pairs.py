@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import StageConfig
@@ -43,9 +42,9 @@ from pipeline.ingest import (
     _quarantine_row,
     normalise_answer,
     normalise_choices,
+    write_sorted,
 )
 from pipeline.ingest import fingerprint_extra as _source_stamps
-from pipeline.progress import track
 from pipeline.rundir import Manifest, ShardWriter, stable_hash
 from pipeline.schema import QUARANTINE, SFT
 
@@ -207,30 +206,17 @@ def run(cfg: PairsConfig, ctx) -> Manifest:
     m = ctx.manifest()
     per_source: dict[str, dict[str, int]] = {}
     kinds = {"caption": 0, "vqa": 0}
-    batch: list[dict] = []
     out = ShardWriter(ctx.out_dir, SFT, "sft", rows_per_shard=cfg.rows_per_shard, resume=False,
                       row_group_bytes=ROW_GROUP_BYTES)
-    with out, ctx.writer(QUARANTINE, "quarantine", sub="quarantine") as quar:
-        for kind, label, row in track(load_pairs(cfg), "align-data", total=None, unit="rows", logger=log):
-            m.rows_in += 1
-            stats = per_source.setdefault(label, {"rows": 0, "kept": 0})
-            stats["rows"] += 1
+
+    def counted():
+        for kind, label, row in load_pairs(cfg):
             if kind == "pair":
                 kinds[row.pop("_kind")] += 1
-                batch.append(row)
-                if len(batch) >= _BATCH_ROWS:
-                    out.write(pa.Table.from_pylist(batch, schema=SFT))
-                    batch = []
-                m.kept += 1
-                stats["kept"] += 1
-            elif kind == "duplicate":
-                m.drop("duplicate")
-            else:
-                quar.write([row])
-                m.quarantine(row["reason"])
-                log.warning("align-data: quarantined %s", row["error"])
-        if batch:
-            out.write(pa.Table.from_pylist(batch, schema=SFT))
+            yield kind, label, row
+
+    with out, ctx.writer(QUARANTINE, "quarantine", sub="quarantine") as quar:
+        write_sorted(counted(), "pair", "align-data", out, quar, m, per_source)
     m.outputs = {"sft": m.kept, "quarantine": sum(m.quarantined.values())}
     m.metrics.update({"per_source": per_source, "caption_rows": kinds["caption"], "vqa_rows": kinds["vqa"]})
     if m.kept == 0:
