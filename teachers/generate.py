@@ -4,9 +4,9 @@
     r1v run configs/r1v-38b.yaml --stage generate                 # R1 on vLLM, tensor parallel 8
 
 One engine per worker (`workers` actors, `gpus_per_worker` GPUs each); the vllm engine goes through
-Ray's `ray.data.llm` processor. On Ray the stage streams (teachers/stream.py): the problems are read as
-a Ray Data dataset, the workers render, expand, look up the cache, generate and write their own shards,
-and the driver commits the manifest (vllm: not yet, see there). `workers: 0` runs the same per-batch code
+Ray's `ray.data.llm` processor (`workers` replicas). On Ray the stage streams (teachers/stream.py): the
+problems are read as a Ray Data dataset, the workers render, expand, look up the cache, generate and
+write their own shards, and the driver commits the manifest. `workers: 0` runs the same per-batch code
 in-process without Ray.
 
 Per sample: chain_id = stable_hash(problem_id, teacher, round, sample_idx) and seed = stable_hash(run
@@ -350,20 +350,15 @@ def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
     # from_blocks reads each block's metadata here; from_arrow sends one Ray task per block for it, and
     # those tasks take the worker processes (and the start-up seconds) the engine actor is waiting for.
     ds = ray.data.from_blocks(blocks)
-    if cfg.engine.kind == "vllm":
-        from teachers.engines.vllm import vllm_processor
-
-        out = vllm_processor(cfg)(ds.flat_map(expand))  # ray.data.llm keeps outputs[0]: one row per sample
-    else:
-        out = ds.map_batches(
-            GenerateWorker,
-            fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
-            batch_size=per_call,
-            batch_format="pyarrow",
-            compute=_actor_pool(cfg.workers, calls),
-            num_cpus=cfg.cpus_per_worker,
-            num_gpus=cfg.gpus_per_worker or None,
-        )
+    out = ds.map_batches(
+        GenerateWorker,
+        fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
+        batch_size=per_call,
+        batch_format="pyarrow",
+        compute=_actor_pool(cfg.workers, calls),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker or None,
+    )
     # No prefetch: with one batch prefetched, each batch reached the driver only once the next was done,
     # a worker call late (for the first batch, for the shard writes and for what a kill loses).
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -425,7 +420,7 @@ def _strip(t: pa.Table) -> pa.Table:
 
 def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
     m = ctx.manifest()
-    if cfg.workers == 0 or cfg.engine.kind == "vllm":
+    if cfg.workers == 0:
         return _run_in_driver(cfg, ctx, m)
     from teachers.stream import run_streaming
 
@@ -443,8 +438,8 @@ def run(cfg: GenerateConfig, ctx: Any) -> Manifest:
 
 
 def _run_in_driver(cfg: GenerateConfig, ctx: Any, m: Manifest) -> Manifest:
-    """workers: 0 (the same per-batch code in the driver, without Ray) and the vllm engine (the driver
-    builds the requests and writes the shards; ray.data.llm generates): rows pass through the driver."""
+    """workers: 0 — the same per-batch code in the driver, without Ray, shards written here (a vllm
+    engine then runs through its Engine API)."""
     problems = _load_problems(cfg, ctx, m)
     expected = len(problems) * cfg.samples_per_problem
     m.rows_in += expected

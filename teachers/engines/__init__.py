@@ -117,6 +117,11 @@ class VLLMEngineConfig(EngineBase):
     multimodal: bool = Field(False, description="send images as multi_modal_data")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM / engine arguments")
     max_concurrent_batches: int = Field(8, ge=1, description="batches in flight per replica (ray.data.llm)")
+    max_restarts: int = Field(
+        2, ge=0,
+        description="times a replica whose engine died (EngineDeadError) is restarted before the run fails "
+        "naming the engine's error (ray.data.llm's default, forever, hangs on a crash that repeats)",
+    )
     in_process: bool = Field(
         False,
         description="run vllm.LLM in this process (needs a GPU here); default: a ray.data.llm processor on "

@@ -97,7 +97,17 @@ def preprocess(row: dict[str, Any]) -> dict[str, Any]:
     out["r1v_prompt"] = row["prompt"]
     out["messages"] = chat_messages(json.loads(row["messages"]))
     out["sampling_params"] = _sampling_params(row["sampling"])
+    out.update(_carried(row))
     return out
+
+
+def _carried(row: dict[str, Any]) -> dict[str, Any]:
+    """Columns a caller passes through the processor untouched (`_cache_key`, `_problem`): typed alike on
+    every row, failed or not."""
+    return {k: row[k] for k in row if k.startswith("_") and not k.startswith("__") and k not in _OUT_COLUMNS}
+
+
+_OUT_COLUMNS = ("_retries", "_error_kind")
 
 
 def _finish(row: dict[str, Any], max_tokens: int, max_model_len: int | None) -> str:
@@ -127,8 +137,17 @@ def postprocess(row: dict[str, Any], think_start: str, think_end: str,
         "completion_tokens": 0 if err else n_gen, "sampling": row["sampling"],
         "latency_s": max(0.0, float(row.get("time_taken_llm") or 0.0)),  # -1 on a failed row
         "error": f"inference_error: {err}" if err else None, "simulated": False,
-        "_retries": 0, "_error_kind": "inference_error" if err else None,
+        "_retries": 0, "_error_kind": "inference_error" if err else None, **_carried(row),
     }
+
+
+def chain_result(row: dict[str, Any]) -> GenResult:
+    """A chain row (postprocess output) back as the engine result it holds."""
+    return GenResult(text=row["completion"], reasoning=row["reasoning"], response=row["response"],
+                     finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"] or 0,
+                     completion_tokens=row["completion_tokens"] or 0, latency_s=row["latency_s"] or 0.0,
+                     error=row["error"], error_kind=row["_error_kind"], retries=row["_retries"] or 0,
+                     simulated=bool(row["simulated"]))
 
 
 _TOKENIZER_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
@@ -192,6 +211,91 @@ def _processor_config(e: VLLMEngineConfig, replicas: int, batch_size: int, gpus:
     )
 
 
+_DEATH_NOTE = "engine-died-"
+
+
+def _note_death(directory: str | None, err: BaseException) -> None:
+    """Leave the engine's fatal error where the driver looks when the run fails (shared storage for
+    the generate stage: the engine may sit on another node)."""
+    if not directory:
+        return
+    import os
+    import socket
+
+    path = Path(directory) / f"{_DEATH_NOTE}{time.time_ns()}-{socket.gethostname()}-{os.getpid()}.txt"
+    try:
+        cause = err.__cause__ or err.__context__
+        path.write_text(f"{type(err).__name__}: {err}" + (f" (caused by {type(cause).__name__}: {cause})"
+                                                            if cause is not None else ""))
+    except OSError as e:  # a fenced attempt folder: the run that owned it is gone
+        log.warning("vllm: could not record the engine's error in %s: %s", directory, e)
+
+
+def engine_stage_udf() -> type:
+    """ray.data.llm's vLLM engine stage UDF with two changes (built lazily: ray.llm imports vllm).
+
+    - `metrics` (vLLM's per-request stats: a dict on a finished row, None on a failed one) becomes a JSON
+      string. A batch whose rows all failed otherwise has a null-typed `metrics` field inside the
+      processor's `__data` struct column, and Ray's block concatenation cannot align a null field to
+      the struct of the other blocks (ray.data transform_pyarrow._backfill_missing_fields iterates the
+      null type's fields: TypeError) — one failed batch beside finished ones killed the run.
+    - a fatal engine error (EngineDeadError) is written to `death_notes` before the stage exits the
+      actor for a restart, so a crash that repeats fails the run with its cause (see `engine_died`).
+    """
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+    from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
+
+    class EngineStageUDF(vLLMEngineStageUDF):
+        def __init__(self, *args: Any, death_notes: str | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            generate = self.llm.generate_async
+
+            async def generate_async(row: dict[str, Any]) -> Any:
+                try:
+                    return await generate(row)
+                except VLLM_FATAL_ERRORS as e:
+                    _note_death(death_notes, e)
+                    raise
+
+            self.llm.generate_async = generate_async
+
+        async def udf(self, batch: list[dict[str, Any]]) -> Any:
+            async for out in super().udf(batch):
+                m = out.get("metrics")
+                out["metrics"] = None if m is None else json.dumps(m, default=str)
+                yield out
+
+    return EngineStageUDF
+
+
+def build(e: VLLMEngineConfig, replicas: int, batch_size: int, preprocess_fn: Any, postprocess_fn: Any,
+          gpus: float = 0.0, cpus: float = 1.0, death_notes: str | None = None) -> Any:
+    """A ray.data.llm processor over our engine stage UDF, its replicas restarted at most `e.max_restarts`
+    times (ray.data.llm restarts a dead engine forever)."""
+    from ray.data.llm import build_processor
+
+    proc = build_processor(_processor_config(e, replicas, batch_size, gpus, cpus), preprocess=preprocess_fn,
+                           postprocess=postprocess_fn, preprocess_map_kwargs={"num_cpus": e.stage_cpus},
+                           postprocess_map_kwargs={"num_cpus": e.stage_cpus})
+    stage = proc.get_stage_by_name("vLLMEngineStage")
+    stage.fn = engine_stage_udf()
+    stage.fn_constructor_kwargs["death_notes"] = death_notes
+    stage.map_batches_kwargs["max_restarts"] = e.max_restarts
+    return proc
+
+
+def engine_died(e: VLLMEngineConfig, death_notes: str | None) -> RuntimeError | None:
+    """The error to raise when a processor run failed after its engine died (None: it did not)."""
+    notes = sorted(Path(death_notes).glob(_DEATH_NOTE + "*")) if death_notes else []
+    if not notes:
+        return None
+    return RuntimeError(
+        f"vllm engine for {e.model} died {len(notes)} time(s) (restarted at most engine.max_restarts="
+        f"{e.max_restarts}); its error: {notes[-1].read_text()[:2000]} -- a crash that repeats comes from the "
+        f"model or the engine settings (engine.engine_kwargs={e.engine_kwargs}, max_model_len={e.max_model_len}, "
+        f"gpu_memory_utilization={e.gpu_memory_utilization})")
+
+
 def processor_config(gen_cfg: Any) -> Any:
     """The generate stage's processor config: `workers` replicas, `batch_size` rows per batch."""
     return _processor_config(gen_cfg.engine, gen_cfg.workers, gen_cfg.batch_size, gen_cfg.gpus_per_worker,
@@ -207,15 +311,13 @@ def _error_rows(row: dict[str, Any], post: Any) -> dict[str, Any]:
     return row
 
 
-def vllm_processor(gen_cfg: Any) -> Any:
-    """Dataset of request rows → dataset of chain rows (generate stage's WORKER_OUT columns)."""
-    from ray.data.llm import build_processor
-
+def vllm_processor(gen_cfg: Any, death_notes: str | None = None) -> Any:
+    """Dataset of request rows → dataset of chain rows (generate stage's WORKER_OUT columns; columns
+    named `_x` ride along). `death_notes`: a folder every node sees, for `engine_died`."""
     e: VLLMEngineConfig = gen_cfg.engine
     post = partial(postprocess, think_start=e.think_start, think_end=e.think_end, max_model_len=e.max_model_len)
-    proc = build_processor(processor_config(gen_cfg), preprocess=preprocess, postprocess=post,
-                           preprocess_map_kwargs={"num_cpus": e.stage_cpus},
-                           postprocess_map_kwargs={"num_cpus": e.stage_cpus})
+    proc = build(e, gen_cfg.workers, gen_cfg.batch_size, preprocess, post, gen_cfg.gpus_per_worker,
+                 gen_cfg.cpus_per_worker, death_notes)
     return lambda ds: proc(ds).map(partial(_error_rows, post=post), num_cpus=e.stage_cpus)
 
 
@@ -238,8 +340,10 @@ def _result_row(row: dict[str, Any], max_model_len: int | None) -> dict[str, Any
 
 def processor_generate(cfg: VLLMEngineConfig, requests: list[GenRequest]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(request index, result row) for `requests`, as ray.data.llm finishes them (any order)."""
+    import shutil
+    import tempfile
+
     import ray
-    from ray.data.llm import build_processor
 
     if not requests:
         return
@@ -248,13 +352,21 @@ def processor_generate(cfg: VLLMEngineConfig, requests: list[GenRequest]) -> Ite
     n_blocks = max(1, min(len(items), cfg.replicas * 4))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     post = partial(_result_row, max_model_len=cfg.max_model_len)
-    proc = build_processor(_processor_config(cfg, cfg.replicas, cfg.batch_size), preprocess=_request_row,
-                           postprocess=post, preprocess_map_kwargs={"num_cpus": cfg.stage_cpus},
-                           postprocess_map_kwargs={"num_cpus": cfg.stage_cpus})
-    out = proc(ds).map(partial(_error_rows, post=post), num_cpus=cfg.stage_cpus)
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for row in batch.to_pylist():
-            yield row["idx"], row
+    notes = tempfile.mkdtemp(prefix="r1v-vllm-")  # the engine runs on this machine's cluster here
+    try:
+        proc = build(cfg, cfg.replicas, cfg.batch_size, _request_row, post, death_notes=notes)
+        out = proc(ds).map(partial(_error_rows, post=post), num_cpus=cfg.stage_cpus)
+        try:
+            for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for row in batch.to_pylist():
+                    yield row["idx"], row
+        except Exception as exc:
+            died = engine_died(cfg, notes)
+            if died is None:
+                raise
+            raise died from exc
+    finally:
+        shutil.rmtree(notes, ignore_errors=True)
 
 
 class VLLMEngine:
