@@ -2,14 +2,16 @@
 
 Two entry points:
 
-- `vllm_processor(gen_cfg)`: what the generate stage uses. Ray's `ray.data.llm` processor ([prepare
+- `vllm_processor(gen_cfg)`: what the streaming generate and caption stages put between their worker
+  stages (teachers/stream.py). Ray's `ray.data.llm` processor ([prepare
   images →] chat template → tokenize → vLLM engine → detokenize) over the request dataset, `workers`
   replicas of tensor_parallel_size x pipeline_parallel_size GPUs each (`gpus_per_worker` > 0 sets the
   GPUs of one replica: tp x pp of them, or a share of one GPU when tp x pp is 1). It keeps only
   `outputs[0]`, which is why the stage sends one row per sample with its own seed; it reports no finish
   reason, so truncation is read from the token counts (`max_tokens` reached, or the context full).
   Failed rows come back with `__inference_error__` and become error chains (`should_continue_on_error`);
-  a dead engine stays fatal.
+  columns named `_x` ride through untouched. A dead engine (EngineDeadError) is restarted at most
+  `max_restarts` times, then the run fails naming the engine's error (`engine_stage_udf`, `engine_died`).
 - `VLLMEngine`: the `Engine` API for the assess judge and evaluate. By default each `generate()` call is
   one processor run over all its requests on `replicas` workers (start-up included: send everything in
   one call); with `in_process: true`, `vllm.LLM.chat` in this process, with real finish reasons.
