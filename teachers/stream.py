@@ -22,7 +22,9 @@ Engines run in one of two ways:
   (their accounting rows go to small files in the attempt folder) and hands typed request rows to the
   processor; `Write` (after it) turns the processor's rows into chains, stores them in the cache and
   publishes the shards. A failed row (`__inference_error__`) becomes an error chain; an engine that
-  dies is restarted `engine.max_restarts` times, then the run fails naming the engine's error.
+  dies is restarted `engine.max_restarts` times, then the run fails naming the engine's error. A probe
+  pass (writing nothing) first checks that some row needs the engine: a re-run the cache or the
+  written shards answer whole never loads the model.
 
 Shards are named by the ids they hold (pipeline.rundir.shard_name): a task Ray retries rewrites the
 same file. Workers write into the step's attempt folder and rename (pipeline.rundir.open_attempt), so
@@ -254,18 +256,26 @@ class Prepare:
     """vllm, before the processor: problem batch → ready rows published here (their accounting row to a
     note in the attempt folder), typed request rows out."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: _Plan, mode: str = "requests") -> None:
         self.plan, self.job, self.done = plan, plan.make_job(), plan.done()
         self.cache = GenerationCache(plan.cache_dir) if plan.cache_dir else None
+        self.mode = mode  # requests | probe (write nothing: does the batch need the engine?) | ready (no engine)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ready, hits, misses = self.job.prepare(batch, self.done, self.cache)
+        if self.mode == "probe":
+            return pa.table({"misses": pa.array([len(misses)], pa.int64())})
+        if misses and self.mode == "ready":
+            raise RuntimeError(f"{len(misses)} rows left the generation cache ({self.plan.cache_dir}) while the run "
+                               "read it: run the step again")
         if ready:
             stats = self.job.write(ready, 0, hits)
             note = Path(self.plan.attempt) / f"{_STATS_NOTE}{stats['shard']}.json"
             tmp = note.with_name(".tmp-" + note.name)
             tmp.write_text(json.dumps(stats))
             tmp.replace(note)
+        if self.mode == "ready":
+            return STATS.empty_table()
         return pa.Table.from_pylist([self.job.request_row(c, k) for c, _, k in misses], schema=self.job.request_schema())
 
 
@@ -427,9 +437,25 @@ def _through_vllm(ds: Any, cfg: Any, plan: _Plan, per_call: int) -> Any:
 
     cpus = cfg.engine.stage_cpus
     pool = ray.data.ActorPoolStrategy(size=max(1, cfg.workers))
-    reqs = ds.map_batches(Prepare, fn_constructor_kwargs={"plan": plan}, batch_size=per_call,
-                          batch_format="pyarrow", compute=pool, num_cpus=cpus)
-    chains = vllm_processor(cfg, death_notes=plan.attempt)(reqs)
+
+    def prepared(mode: str) -> Any:
+        return ds.map_batches(Prepare, fn_constructor_kwargs={"plan": plan, "mode": mode}, batch_size=per_call,
+                              batch_format="pyarrow", compute=pool, num_cpus=cpus)
+
+    # Ray Data starts an actor pool's actors whether rows come or not: a re-run that the cache (or the
+    # shards already written) answers whole would load the model for nothing. A probe pass, writing
+    # nothing, stops at the first batch that needs the engine (at once on a fresh run).
+    needed = False
+    probe = prepared("probe").iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=0)
+    for b in probe:
+        if b.column("misses")[0].as_py():
+            needed = True
+            break
+    del probe  # stops the probe's reads and actors
+    if not needed:
+        log.info("%s: every row is written or cached: the vllm engine is not started", plan.make_job().table)
+        return prepared("ready")
+    chains = vllm_processor(cfg, death_notes=plan.attempt)(prepared("requests"))
     return chains.map_batches(Write, fn_constructor_kwargs={"plan": plan}, batch_size=getattr(cfg, "flush_rows", cfg.batch_size),
                               batch_format="pyarrow", compute=pool, num_cpus=cpus)
 

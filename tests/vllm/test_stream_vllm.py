@@ -114,3 +114,24 @@ def test_an_engine_that_keeps_dying_fails_the_run_naming_its_error(ray_gpu, r1_m
     with pytest.raises(RuntimeError, match=r"(?s)died 2 time\(s\).*max_restarts=1.*EngineDeadError.*max_num_batched_tokens"):
         run(cfg, make_ctx(run_dir))
     assert not list((run_dir / "generate").glob(".attempt-*"))
+
+
+def _engine_actors() -> int:
+    from ray._private.state import actors
+
+    return sum(1 for a in actors().values() if "EngineStageUDF" in a.get("ActorClassName", ""))
+
+
+def test_a_run_with_nothing_left_to_generate_starts_no_engine(streamed, r1_model):
+    import shutil
+
+    run_dir = streamed["run_dir"]
+    other = streamed["root"] / "runs" / "c"
+    shutil.copytree(run_dir / "ingest", other / "ingest")
+    shutil.copytree(run_dir / "generate", other / "generate", ignore=shutil.ignore_patterns("_manifest.json"))
+    engines = _engine_actors()
+    m = run(_cfg(r1_model), make_ctx(other, resume=True))
+    m.check_counts()
+    assert m.metrics["requests"] == 0 and m.metrics["resumed"] == 7 * K
+    assert _engine_actors() == engines, "an engine was started for nothing"
+    assert chains_by_id(other / "generate") == chains_by_id(run_dir / "generate")
