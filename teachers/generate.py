@@ -318,51 +318,33 @@ def concurrent_calls(cfg: Any) -> int:
 
 
 def _engine_batches(todo: pa.Table, cfg: Any, per_call: int):
-    """Stream chain batches for the work rows in `todo` (`per_call` problems per worker call), in the
-    order they finish; `concurrent_calls(cfg)` calls in flight per engine."""
+    """Stream chain batches for the work rows in `todo` in this process (`workers: 0`; on Ray the stages
+    stream through teachers/stream.py), `per_call` problems per call, in the order they finish;
+    `concurrent_calls(cfg)` calls in flight."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    if cfg.workers != 0:
+        raise ValueError(f"workers={cfg.workers}: on Ray the stage streams through teachers/stream.py")
     calls = concurrent_calls(cfg)
-    if cfg.workers == 0:
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-        worker = GenerateWorker(cfg.engine.model_dump())
-        slices = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
-        try:
-            if calls == 1:
-                for s in slices:
-                    yield worker(s)
-                return
-            with ThreadPoolExecutor(max_workers=calls) as pool:
-                pending = {pool.submit(worker, s) for s in slices[:calls]}
-                nxt = calls
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        if nxt < len(slices):
-                            pending.add(pool.submit(worker, slices[nxt]))
-                            nxt += 1
-                        yield fut.result()
-        finally:
-            worker.close()
-        return
-    import ray
-
-    blocks = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
-    # from_blocks reads each block's metadata here; from_arrow sends one Ray task per block for it, and
-    # those tasks take the worker processes (and the start-up seconds) the engine actor is waiting for.
-    ds = ray.data.from_blocks(blocks)
-    out = ds.map_batches(
-        GenerateWorker,
-        fn_constructor_kwargs={"engine": cfg.engine.model_dump(), "env": _secret_env(cfg.engine)},
-        batch_size=per_call,
-        batch_format="pyarrow",
-        compute=_actor_pool(cfg.workers, calls),
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.gpus_per_worker or None,
-    )
-    # No prefetch: with one batch prefetched, each batch reached the driver only once the next was done,
-    # a worker call late (for the first batch, for the shard writes and for what a kill loses).
-    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        yield conform(batch, WORKER_OUT)
+    worker = GenerateWorker(cfg.engine.model_dump())
+    slices = [todo.slice(i, per_call) for i in range(0, todo.num_rows, per_call)]
+    try:
+        if calls == 1:
+            for s in slices:
+                yield worker(s)
+            return
+        with ThreadPoolExecutor(max_workers=calls) as pool:
+            pending = {pool.submit(worker, s) for s in slices[:calls]}
+            nxt = calls
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    if nxt < len(slices):
+                        pending.add(pool.submit(worker, slices[nxt]))
+                        nxt += 1
+                    yield fut.result()
+    finally:
+        worker.close()
 
 
 def _actor_pool(workers: int, calls: int) -> Any:
