@@ -11,8 +11,12 @@ process with its own embedded Ray cluster (`--cpus` CPUs, `--workers` 1-CPU engi
 
 Measured per run: rows/s = chains / the stage's wall time (Ray Data start-up included);
 driver_peak_rss_mb = the driver's own peak RSS (getrusage); worker_peak_rss_mb = the largest peak RSS
-(VmHWM, polled every 0.2 s) among the Ray worker processes under the driver; spilled_mb = what Ray's
-memory summary reports as spilled at the end. `--baseline REV` runs the same sizes with the stage as
+(VmHWM, polled every 0.2 s) among the Ray worker processes under the driver, worker_peak_proc its Ray
+title; that RSS also counts the object-store (shared memory) pages a worker has mapped, so the largest
+peaks of the private part (RssAnon, worker_peak_private_mb) and of the shared part (RssShmem,
+worker_peak_shm_mb) are given apart; spilled_mb = what Ray's memory summary reports as spilled at the end;
+load_avg_1m = the machine's load when the run ended. `--trace FILE` appends every worker's RSS
+(resident, private, shared) every 2 s. `--baseline REV` runs the same sizes with the stage as
 it was at git revision REV (extracted with `git archive`), the driver-side path, in the same session.
 Rows go to benchmarks/results/scale_<machine>.json (a list; "path" says which code ran).
 """
@@ -118,11 +122,27 @@ def _hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def _is_worker(pid: int) -> bool:
+def _rss_mb(pid: int) -> tuple[float, float, float]:
+    """(resident, of which private anonymous memory, of which shared memory: the object store's pages)."""
+    got = {}
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "RssAnon:", "RssShmem:")):
+                got[line.split(":")[0]] = int(line.split()[1]) / 1024
     except OSError:
-        return False
+        pass
+    return got.get("VmRSS", 0.0), got.get("RssAnon", 0.0), got.get("RssShmem", 0.0)
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _is_worker(pid: int) -> bool:
+    cmd = _cmd(pid)
     return cmd.startswith("ray::") or "default_worker.py" in cmd
 
 
@@ -135,18 +155,35 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
     env = {**os.environ, "PYTHONPATH": code, "R1V_PROGRESS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     peaks: dict[int, float] = {}
+    anon: dict[int, float] = {}  # peak private (anonymous) resident memory per worker
+    shm: dict[int, float] = {}  # peak resident shared memory per worker: object-store pages it has mapped
+    names: dict[int, str] = {}  # a worker's last title (ray::<task or actor>)
+    timeline: list[tuple[float, dict[int, float]]] = []  # (s since start, current RSS per worker) every ~2 s
     stop = threading.Event()
+    t0 = time.perf_counter()
 
     def poll() -> None:
         root = psutil.Process(proc.pid)
+        last = -2.0
         while not stop.is_set():
             try:
                 kids = root.children(recursive=True)
             except psutil.Error:
                 kids = []
+            now = time.perf_counter() - t0
+            snap = {}
             for k in kids:
                 if _is_worker(k.pid):
                     peaks[k.pid] = max(peaks.get(k.pid, 0.0), _hwm_mb(k.pid))
+                    title = _cmd(k.pid)
+                    if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                        names[k.pid] = title.split()[0]
+                    snap[k.pid] = _rss_mb(k.pid)
+                    anon[k.pid] = max(anon.get(k.pid, 0.0), snap[k.pid][1])
+                    shm[k.pid] = max(shm.get(k.pid, 0.0), snap[k.pid][2])
+            if now - last >= 2.0:
+                timeline.append((round(now, 1), snap))
+                last = now
             stop.wait(0.2)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -158,7 +195,15 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"benchmark driver failed (rc {proc.returncode}):\n{err[-3000:]}")
     res = json.loads(line[0][len("RESULT "):])
-    res["worker_peak_rss_mb"] = round(max(peaks.values(), default=0.0), 1)
+    top = max(peaks, key=peaks.get, default=None)
+    res["worker_peak_rss_mb"] = round(peaks[top], 1) if top is not None else 0.0
+    res["worker_peak_proc"] = names.get(top, "ray::worker") if top is not None else None
+    res["worker_peak_private_mb"] = round(max(anon.values(), default=0.0), 1)
+    res["worker_peak_shm_mb"] = round(max(shm.values(), default=0.0), 1)
+    if args.trace:  # every worker's RSS over time, to tell growth from a plateau
+        with open(args.trace, "a") as fh:
+            fh.write(json.dumps({"problems_dir": str(problems), "code": code, "names": names,
+                                 "peaks": peaks, "timeline": timeline}) + "\n")
     return res
 
 
@@ -179,6 +224,7 @@ def main() -> None:
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flush-rows", type=int, default=1024, help="chains per shard")
+    ap.add_argument("--trace", default=None, help="append each run's per-worker RSS timeline here (JSON lines)")
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -202,6 +248,9 @@ def main() -> None:
             row = {"problems": n, "rows_s": round(r["chains"] / r["wall_s"], 1),
                    "driver_peak_rss_mb": round(r["driver_peak_rss_mb"], 1),
                    "worker_peak_rss_mb": r["worker_peak_rss_mb"], "spilled_mb": r["spilled_mb"],
+                   "worker_peak_private_mb": r["worker_peak_private_mb"],
+                   "worker_peak_shm_mb": r["worker_peak_shm_mb"], "worker_peak_proc": r["worker_peak_proc"],
+                   "load_avg_1m": round(os.getloadavg()[0], 1),
                    "path": path, "chains": r["chains"], "wall_s": round(r["wall_s"], 2), "cpus": args.cpus,
                    "workers": args.workers}
             print(json.dumps(row), flush=True)

@@ -132,8 +132,9 @@ def run_streaming(cfg: Any, ctx: Any) -> Manifest:
     for d in (ctx.out_dir, ctx.out_dir / "retry"):
         for f in shard_files(d):
             f.unlink()
-    part = ray.remote(num_cpus=1)(_partition)
-    red = ray.remote(num_cpus=1)(_reduce)
+    # SPREAD: the map and the bucket reducers go to every node with a free CPU, not first to the driver's
+    part = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_partition)
+    red = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_reduce)
     try:
         units = [("c", columns, u) for u in _read_units(chain_files)] + [("p", None, u) for u in _read_units(prob_files)]
         jobs = [lambda k=k, c=c, u=u, i=i: part.remote({**u, "idx": i}, k, c, n, str(attempt))

@@ -1,5 +1,6 @@
 """The demo's data stages on a two-node Ray cluster (`ray start --head` plus `ray start --address`, one CPU
-and its own temp dir each): workers on both nodes write shards, and the tables equal a one-node run's.
+and its own temp dir each): workers on both nodes write generate's and filter's shards and run curate's
+bucket reducers, and the tables equal a one-node run's.
 
     .venv/bin/pytest -q -m slow tests/pipeline/test_two_nodes.py -s     # prints both runs' timings
 """
@@ -94,13 +95,21 @@ def test_demo_data_stages_on_two_nodes_match_one_node(two_nodes, tmp_path):
     one_s = _run(tmp_path / "one", ["ray.num_cpus=2"])  # an embedded one-node cluster, the same CPUs in all
     two, one = tmp_path / "two" / "demo", tmp_path / "one" / "demo"
     assert _tables(two) == _tables(one)
-    gen = Manifest.load(two / "generate")
-    assert len(gen.metrics["shards_by_node"]) == 2, gen.metrics["shards_by_node"]  # workers on both nodes wrote
-    assert len(Manifest.load(one / "generate").metrics["shards_by_node"]) == 1
+    # Workers on both nodes wrote: generate's and filter's shards, curate's bucket reducers; one node: one.
+    by_node = {"generate": "shards_by_node", "filter": "shards_by_node", "curate": "buckets_by_node"}
+    spread = {}
+    for stage, key in by_node.items():
+        for root, nodes in ((two, 2), (one, 1)):
+            steps = [p.parent for p in root.glob("*/_manifest.json") if Manifest.load(p.parent).stage == stage]
+            assert steps, f"no {stage} step in {root}"
+            for step in steps:
+                split = Manifest.load(step).metrics.get(key) or {}
+                assert len(split) == nodes, (step.name, key, split)
+                assert sum(split.values()) > 0
+                if root == two:
+                    spread[step.name] = split
     steps = sorted(p.parent.name for p in two.glob("*/_manifest.json"))
-    timings = {"two_nodes_s": round(two_s, 1), "one_node_s": round(one_s, 1),
-               "shards_by_node": {s: Manifest.load(two / s).metrics.get("shards_by_node")
-                                  for s in ("generate", "filter")}, "steps": {
+    timings = {"two_nodes_s": round(two_s, 1), "one_node_s": round(one_s, 1), "by_node": spread, "steps": {
         s: {"two_nodes_s": Manifest.load(two / s).wall_s, "one_node_s": Manifest.load(one / s).wall_s} for s in steps}}
     print("\nTIMINGS " + json.dumps(timings))
     (tmp_path / "timings.json").write_text(json.dumps(timings, indent=2))
