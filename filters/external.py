@@ -19,7 +19,15 @@ end-of-sequence tokens and "Sample 2"-style header lines, plus a format's openin
 its last sample only); `samples: last_complete` keeps the last sample with no evidence of truncation
 (a cut-off tail sample is never taken as clean; when every sample is cut, the last one is kept and the
 filter drops it as truncated).
-Bad rows (no question, no answer, no trace, unreadable images) are counted by reason, never fatal.
+Chat records are detected, not assumed: a trace column holding an OpenAI message (`{"role", "content"}`,
+content a string or a list of `{"type": "text", "text"}` parts) or a whole conversation (OpenAI
+`messages`, ShareGPT `conversations` with `from` / `value`) gives the last assistant turn as the trace,
+and its user turn as the question when the question column holds the same conversation or is absent.
+Reasoning kept apart from the answer (`reasoning_content` / `reasoning` / `thinking` in the message, or
+a `reasoning` column) is joined as `<think>reasoning</think>answer`, so the chain reads as `think`;
+with reasoning and no answer text it is an unclosed think span (cut off).
+Bad rows (no question, no answer, no trace, unreadable images, a trace of a type that is none of these)
+are counted by reason, never fatal; the message names the file, row and column.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.extract import extract, split_chain, truncation
-from filters.formats import DEFAULT_SAMPLE_SEPARATOR, split_samples
+from filters.formats import DEFAULT_SAMPLE_SEPARATOR, THINK_CLOSE, THINK_OPEN, split_samples
 from pipeline.config import StageConfig
 from pipeline.rundir import stable_hash
 from pipeline.schema import CHAINS, PROBLEMS
@@ -48,7 +56,12 @@ class ChainColumns(StageConfig):
 
     question: str = "question"
     answer: str = "answer"
-    trace: str = Field("trace", description="the raw completion (reasoning and answer)")
+    trace: str = Field(
+        "trace", description="the raw completion (reasoning and answer), an OpenAI message or a chat (messages / conversations)"
+    )
+    reasoning: str | None = Field(
+        None, description="reasoning kept apart from the answer (e.g. reasoning_content): joined as <think>…</think>"
+    )
     id: str | None = Field("id", description="source row id, kept in the problem's source_ref")
     images: str | None = Field(None, description="image path(s) relative to the file, or bytes")
     choices: str | None = None
@@ -135,6 +148,67 @@ def _rows(cfg: ChainsSourceConfig) -> Any:
             yield f"{p}:{lineno}", row if isinstance(row, dict) else ValueError(f"{p}:{lineno}: not an object")
 
 
+_ASSISTANT = {"assistant", "gpt", "model", "bot", "chatgpt", "ai"}
+_USER = {"user", "human", "prompter"}
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking", "thought")
+
+
+class TraceError(ValueError):
+    pass
+
+
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of an OpenAI content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        texts = [p for p in parts if isinstance(p, str)]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def _turn(msg: dict) -> tuple[str | None, str | None, str | None]:
+    """(role, text, reasoning) of one chat message (OpenAI or ShareGPT keys)."""
+    role = msg.get("role", msg.get("from"))
+    text = _text(msg.get("content", msg.get("value", msg.get("text"))))
+    reasoning = next((msg[k] for k in _REASONING_KEYS if isinstance(msg.get(k), str) and msg[k].strip()), None)
+    return (role.lower() if isinstance(role, str) else None), text, reasoning
+
+
+def read_trace(value: Any, column: str) -> tuple[str | None, str | None, str | None]:
+    """(answer text, reasoning, question) of a trace column's value: a string, an OpenAI message or a
+    chat (list of messages). Raises TraceError naming what the value is when it is none of these."""
+    if isinstance(value, str) or value is None:
+        return value, None, None
+    if isinstance(value, dict):
+        _role, text, reasoning = _turn(value)
+        if text is None and reasoning is None:
+            raise TraceError(f"column {column!r} is an object without content/value/text: keys {sorted(value)[:6]}")
+        return text, reasoning, None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        turns = [_turn(m) for m in value]
+        idx = [i for i, (role, _t, _r) in enumerate(turns) if role in _ASSISTANT]
+        if not idx:
+            roles = sorted({str(r) for r, _t, _r in turns})
+            raise TraceError(f"column {column!r} is a chat with no assistant turn (roles {roles})")
+        last = idx[-1]
+        question = next((t for role, t, _r in reversed(turns[:last]) if role in _USER and t), None)
+        return turns[last][1], turns[last][2], question
+    raise TraceError(f"column {column!r} is a {type(value).__name__}, not a string, message or chat")
+
+
+def join_reasoning(text: str | None, reasoning: str | None) -> str | None:
+    """`<think>reasoning</think>text` (the think format), or the text alone when there is no reasoning
+    or the text carries its own think span."""
+    if not reasoning or not reasoning.strip():
+        return text
+    text = text or ""
+    if THINK_CLOSE in text:
+        return text
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{text.strip()}" if text.strip() else f"{THINK_OPEN}\n{reasoning.strip()}"
+
+
 def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
     """A problems row through ingest's own normalisation, so problem ids agree with an ingest source."""
     from pipeline.ingest import ColumnMap, SourceConfig, to_problem
@@ -183,10 +257,20 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
         if isinstance(row, ValueError):
             bad("bad_row", ref, str(row))
             continue
-        trace = row.get(c.trace)
+        try:
+            trace, reasoning, chat_question = read_trace(row.get(c.trace), c.trace)
+            if c.reasoning:
+                extra, _r, _q = read_trace(row.get(c.reasoning), c.reasoning)
+                reasoning = reasoning or extra
+        except TraceError as e:
+            bad("bad_trace", ref, str(e))
+            continue
+        trace = join_reasoning(trace, reasoning)
         if not isinstance(trace, str) or not trace.strip():
             bad("missing_trace", ref, f"no trace in column {c.trace!r}")
             continue
+        if chat_question and not isinstance(row.get(c.question), str):
+            row = {**row, c.question: chat_question}  # ShareGPT: the question lives in the conversation
         try:
             prob = _problem(row, cfg, ref)
         except RowError as e:
