@@ -117,6 +117,7 @@ class LoadedChains:
     rows: int = 0  # source rows that became chains
     multi_sample_rows: int = 0
     samples_skipped: int = 0  # samples left out by samples=last_complete
+    invalid_utf8_rows: int = 0  # JSONL lines read with U+FFFD for bytes that are not UTF-8 (kept, counted)
 
 
 def source_stats(cfg: ChainsSourceConfig | None) -> Any:
@@ -127,17 +128,40 @@ def source_stats(cfg: ChainsSourceConfig | None) -> Any:
     return file_stat(cfg.path)
 
 
-def _rows(cfg: ChainsSourceConfig) -> Any:
+def _rows(cfg: ChainsSourceConfig, stats: dict) -> Any:
+    """(ref, row or ValueError) per source row. Parquet: the mapped columns must exist (a clear error
+    naming the key otherwise). JSONL: a line with bytes that are not UTF-8 is decoded with U+FFFD in their
+    place and counted in `stats["invalid_utf8_rows"]` (its ref in `stats["invalid_utf8_refs"]`)."""
     p = Path(cfg.path)
     if not p.exists():
         raise FileNotFoundError(f"filter.source.path: file not found: {p}")
     kind = cfg.kind if cfg.kind != "auto" else ("parquet" if p.suffix in (".parquet", ".pq") else "jsonl")
     if kind == "parquet":
-        for i, row in enumerate(pq.read_table(p).to_pylist()):
-            yield f"{p}:row{i}", row
+        try:
+            f = pq.ParquetFile(p)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"filter.source.path: {p} is not a readable Parquet file ({e})") from e
+        names = set(f.schema_arrow.names)
+        c = cfg.columns
+        for key in ("trace", "question", "answer"):
+            col = getattr(c, key)
+            if col not in names:
+                raise ValueError(f"filter.source.columns.{key}: column {col!r} is not in {p} "
+                                 f"(columns: {sorted(names)})")
+        i = 0
+        for batch in f.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"{p}:row{i}", row
+                i += 1
         return
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                stats["invalid_utf8_rows"] = stats.get("invalid_utf8_rows", 0) + 1
+                stats.setdefault("invalid_utf8_refs", []).append(f"{p}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -251,12 +275,15 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
         log.warning("external chains: %s (%s)", msg, reason)
 
     c = cfg.columns
-    for n, (ref, row) in enumerate(_rows(cfg)):
+    stats: dict = {}
+    absent = 0  # rows without the trace column at all: every row so = a wrong column name, not bad rows
+    for n, (ref, row) in enumerate(_rows(cfg, stats)):
         if cfg.limit and n >= cfg.limit:
             break
         if isinstance(row, ValueError):
             bad("bad_row", ref, str(row))
             continue
+        absent += c.trace not in row
         try:
             trace, reasoning, chat_question = read_trace(row.get(c.trace), c.trace)
             if c.reasoning:
@@ -314,6 +341,13 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
         loaded.rows += added > 0
     if not chains and not quarantined:
         raise ValueError(f"filter.source.path: {cfg.path} holds no rows")
+    n_rows = sum(quarantined.values()) + loaded.rows
+    if not chains and absent and absent == n_rows:
+        raise ValueError(f"filter.source.columns.trace: no row of {cfg.path} has a column {c.trace!r}")
+    loaded.invalid_utf8_rows = stats.get("invalid_utf8_rows", 0)
+    if loaded.invalid_utf8_rows:
+        log.warning("external chains: %d lines of %s are not valid UTF-8 (read with U+FFFD): %s",
+                    loaded.invalid_utf8_rows, cfg.path, ", ".join(stats["invalid_utf8_refs"][:5]))
     log.info("external chains: %d chains of %d problems from %s", len(chains), len(problems), cfg.path)
     loaded.chains = pa.Table.from_pylist(chains, schema=CHAINS)
     loaded.problems = pa.Table.from_pylist(list(problems.values()), schema=PROBLEMS)

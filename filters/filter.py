@@ -158,7 +158,7 @@ def score_batch(rows: list[dict], cfg: FilterConfig, pool: Any, scorer: Scorer |
     for i, row in enumerate(rows):
         split = _split(row, cfg.starts_in_think)
         atype = row.get("_answer_type")
-        found = extract(split.response, atype, row.get("_gold"))
+        found = extract(split.response, atype, row.get("_gold"), row.get("_choices"))
         errored = row.get("finish_reason") == "error" or bool(row.get("error"))
         cut = _generation_cut(row) or truncation(split, found)
         text = f"{split.reasoning}\n{split.response}" if split.reasoning else split.response
@@ -280,6 +280,8 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
     m.metrics["external_source"] = cfg.source.path
     m.metrics["external_problems"] = loaded.problems.num_rows
     m.metrics["external_rows"] = loaded.rows
+    if loaded.invalid_utf8_rows:
+        m.metrics["invalid_utf8_rows"] = loaded.invalid_utf8_rows  # kept, with U+FFFD for the bad bytes
     if loaded.multi_sample_rows:
         m.metrics["multi_sample_rows"] = loaded.multi_sample_rows
         m.metrics["samples_skipped"] = loaded.samples_skipped  # samples=last_complete: not chains, not rows

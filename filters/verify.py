@@ -44,7 +44,7 @@ from pydantic import Field
 
 from filters import equivalence as eqv
 from filters.equivalence import rounded_equal
-from filters.extract import choice_letter, clean_answer, extract, split_chain, truncation
+from filters.extract import ascii_forms, choice_letter, clean_answer, extract, find_boxed, split_chain, truncation
 from pipeline.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,10 @@ _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad|~")
 def _strip_number(s: str, other: str = "") -> tuple[str, bool]:
     """A number answer without currency, units and spacing; and whether it carried a percent sign."""
     s = clean_answer(s)
-    s = s.replace("{,}", "").replace("\\left", "").replace("\\right", "")
+    # "1{,}000" groups thousands; "3{,}5" is a decimal comma
+    s = re.sub(r"(?<=\d)\{,\}(?=\d{3}(?!\d))", "", s)
+    s = re.sub(r"(?<=\d)\{,\}(?=\d)", ".", s).replace("{,}", "")
+    s = s.replace("\\left", "").replace("\\right", "")
     pct = bool(_PERCENT.search(s))
     s = _PERCENT.sub("", s)
     s = _CURRENCY.sub("", s)
@@ -461,6 +464,19 @@ def _mv_extract(tail: str) -> str | None:
     return strings[-1] if len(out) > 1 and strings else None
 
 
+_TEXT_WRAP = re.compile(r"\\(?:text|textrm|mathrm|mbox|textbf)\s*\{(.*)\}", re.S)
+
+
+def _plain_form(s: str) -> str:
+    """ASCII forms of full-width characters; a whole answer wrapped in `\\text{…}` around math
+    (`\\text{-\\dfrac{1}{4}}`, `\\text{45^\\circ}`) is the math; `\\boxed{…}` around a whole gold its content."""
+    s = ascii_forms(s).strip()
+    m = _TEXT_WRAP.fullmatch(s)
+    if m and find_boxed("\\boxed{" + m.group(1) + "}") == [m.group(1).strip()] and re.search(r"[\\^_]", m.group(1)):
+        s = m.group(1).strip()
+    return s
+
+
 def check_answer(
     pred: str | None, gold: str, answer_type: str | None, choices: Any, opts: dict, tail: str | None = None
 ) -> tuple:
@@ -477,7 +493,7 @@ def check_answer(
         if not used:
             return "no_answer", "nothing extractable", None
         return (*check_answer(used, gold, answer_type, choices, opts), used)
-    pred, gold = str(pred), str(gold or "")
+    pred, gold = _plain_form(str(pred)), _plain_form(str(gold or ""))
     if eqv.identical(pred, gold):
         return "correct", "identical"
     clock = eqv.clock_time(gold)
@@ -582,7 +598,8 @@ def verify_response(response: str, problem: dict, cfg: VerifyConfig | None = Non
     """
     cfg = cfg or VerifyConfig()
     split = split_chain(response, cfg.starts_in_think)
-    found = extract(split.response, problem.get("answer_type"), str(problem.get("answer") or ""))
+    found = extract(split.response, problem.get("answer_type"), str(problem.get("answer") or ""),
+                    list(problem.get("choices") or []) or None)
     cut = truncation(split, found)
     if cut:
         return VerifyResult(None, "truncated", cut)

@@ -346,7 +346,12 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
     question = _get(row, c.question)
     if not isinstance(question, str) or not question.strip():
         raise RowError("missing_question", f"{ref}: no question in column {c.question!r}")
-    answer = normalise_answer(_get(row, c.answer))
+    raw_answer = _get(row, c.answer)
+    if isinstance(raw_answer, (bytes, bytearray)):
+        raw_answer = bytes(raw_answer).decode("utf-8", errors="replace")
+    elif isinstance(raw_answer, dict) or (isinstance(raw_answer, (list, tuple)) and any(isinstance(x, (dict, list)) for x in raw_answer)):
+        raise RowError("bad_answer", f"{ref}: column {c.answer!r} holds a {type(raw_answer).__name__} with objects in it, not an answer")
+    answer = normalise_answer(raw_answer)
     if answer is None:
         raise RowError("missing_answer", f"{ref}: no answer in column {c.answer!r}")
     choices = normalise_choices(_get(row, c.choices))

@@ -179,6 +179,11 @@ def trace_classes(clean: list[dict]) -> dict[str, Variant]:
 # ------------------------------------------------------------------ MATH-V: choices and gold forms
 
 
+def _mathy(t: str) -> bool:
+    """An option text that is a formula (no `$`, no ellipsis, no words of two letters or more)."""
+    return "$" not in t and "..." not in t and not re.search(r"[A-Za-z]{2,}", re.sub(r"\\[a-zA-Z]+", "", t))
+
+
 def _choice_text(letter: str, options: list[str]) -> str:
     return options[ord(letter) - 65]
 
@@ -191,8 +196,8 @@ CHOICE_STYLES = {
     "letter_boxed_text": lambda L, t: f"$\\boxed{{\\text{{{L}}}}}$",
     "letter_boxed_with_text": lambda L, t: f"$\\boxed{{{L}. {t}}}$" if "$" not in t else f"$\\boxed{{{L}}}$",
     "letter_json": lambda L, t: json.dumps({"answer": L}),
-    "option_text_boxed": lambda L, t: f"$\\boxed{{{t}}}$" if "$" not in t else f"The answer is {t}.",
-    "option_text_is": lambda L, t: f"The correct option is {t}." if "$" in t else f"The correct option is ${t}$.",
+    "option_text_boxed": lambda L, t: f"$\\boxed{{{t}}}$" if _mathy(t) else f"The answer is {t}.",
+    "option_text_is": lambda L, t: f"The correct option is {t}." if not _mathy(t) else f"The correct option is ${t}$.",
     "option_word": lambda L, t: f"So I pick option {L}.",
 }
 
@@ -201,7 +206,10 @@ def mathv_classes(mathv: list[dict]) -> dict[str, Variant]:
     """Multiple-choice MATH-V items answered in every style, right (gold) and wrong (the next option)."""
     out: dict[str, Variant] = {}
     mc = [m for m in mathv if m["question_type"] in ("multi_choice", "multiple_choice") and m.get("options")
-          and len({str(o).strip() for o in m["options"]}) == len(m["options"])]
+          and len({str(o).strip() for o in m["options"]}) == len(m["options"])
+          # an option whose text is another option's letter ("D. E") cannot be told from that letter
+          and not any(re.fullmatch(r"[A-H]", str(o).strip()) and str(o).strip() != chr(65 + i)
+                      for i, o in enumerate(m["options"]))]
     for name, style in CHOICE_STYLES.items():
         recs, truth, bare_text, golds = [], [], [], []
         for m in mc:

@@ -1,0 +1,102 @@
+"""Traces in the shapes other teams hand over (tests/filters/trace_variants.py): OpenAI / ShareGPT chat
+records, reasoning in its own field, other think markers, answer styles (Final answer:, **Answer:**, a
+JSON tail, full-width digits, \\text{} boxes, ...), multiple choice answered by letter or by option text,
+gold answers in other datasets' spellings. Each class goes the user's way in (filter.source ->
+filters.external.load_chains -> the filter's score_batch); every row must get its true verdict, none may be
+lost or quarantined, and the filter must agree with the truth at least as often as bare math-verify."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from filters.deadline import DeadlinePool
+from filters.external import ChainsSourceConfig, load_chains
+from filters.filter import FilterConfig, _problem_columns, score_batch
+from filters.verify import check_answer
+from tests.filters.trace_variants import bare_math_verify, clean_traces, trace_classes, variant_classes
+
+COLUMNS = {"question": "problem", "answer": "gold_answer", "trace": "trace", "id": "id", "teacher": "model"}
+
+
+def _score(path, columns, pool, cfg) -> tuple[list[dict], object]:
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns=columns))
+    problems = {p["problem_id"]: p for p in loaded.problems.to_pylist()}
+    rows = _problem_columns(loaded.chains, problems).to_pylist()
+    return score_batch(rows, cfg, pool), loaded
+
+
+@pytest.fixture(scope="module")
+def scored(traces_path, shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("variants")
+    cfg = FilterConfig(workers=0)
+    traces = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
+    mv = shared_data / "mathv-testmini" / "testmini.jsonl"
+    mathv = [json.loads(line) for line in mv.read_text().splitlines() if line.strip()] if mv.exists() else None
+    out = {}
+    with DeadlinePool(check_answer, timeout_s=cfg.verify.timeout_s) as pool:
+        orig, _ = _score(traces_path, COLUMNS, pool, cfg)
+        clean = clean_traces(traces, [r["verdict"] for r in orig])
+        for name, v in variant_classes(clean, mathv).items():
+            p = tmp / f"{name.replace(':', '_')}.jsonl"
+            p.write_text("\n".join(json.dumps(r) for r in v.records) + "\n")
+            rows, loaded = _score(p, v.columns, pool, cfg)
+            out[name] = (v, rows, loaded)
+    return clean, out
+
+
+CLASSES = sorted(trace_classes([]))  # the traces-dev classes (MATH-V ones are added when the data is there)
+
+
+def test_the_truth_set_is_large(scored):
+    clean, out = scored
+    assert len(clean) >= 120
+    assert Counter(c["_truth"] for c in clean)["wrong"] >= 25
+    assert len(out) >= len(CLASSES)
+
+
+@pytest.mark.parametrize("name", CLASSES + ["gold:forms", "choice:*", "mathv:free_form_boxed"])
+def test_every_row_gets_its_true_verdict(scored, name):
+    _clean, out = scored
+    names = [n for n in out if n.startswith(name[:-1])] if name.endswith("*") else [name]
+    if not names or names[0] not in out:
+        pytest.skip("mathv-testmini not found")
+    for n in names:
+        v, rows, loaded = out[n]
+        # nothing lost: every record is one chain, none quarantined, and the rows keep their order
+        assert loaded.quarantined == {} and len(rows) == len(v.records), (n, loaded.bad_refs[:3])
+        got = [r["verdict"] for r in rows]
+        diff = [(rec["id"], t, g, r["pred_answer"]) for rec, t, g, r in zip(v.records, v.truth, got, rows, strict=True)
+                if t != g]
+        assert diff == [], (n, diff[:5])
+        # keep follows the verdict: a wrong or truncated chain is dropped with its reason counted
+        for t, r in zip(v.truth, rows, strict=True):
+            if t != "correct":
+                assert not r["keep"] and r["drop_reason"] in ("wrong", "truncated"), (n, r["chain_id"])
+
+
+@pytest.mark.parametrize("name", [c for c in CLASSES if c.startswith(("marker:", "record:"))])
+def test_reasoning_is_split_off_for_curate(scored, name):
+    """Other markers and chat records become think chains with the trace's own reasoning (curate drops a
+    chain without reasoning, so a missed split would lose every row at curation)."""
+    clean, out = scored
+    v, rows, _ = out[name]
+    assert {r["trace_format"] for r in rows} == {"think"}
+    for c, r in zip(clean, rows, strict=True):
+        assert r["reasoning"] == c["_r"].strip() and r["response"] == c["_a"].strip()
+
+
+def test_never_below_bare_math_verify(scored):
+    """Per class, the filter's verdicts match the truth (correct or not) at least as often as bare
+    math-verify's (`parse(gold)`, `parse(text)`, `verify`) on the same text."""
+    _clean, out = scored
+    worse = {}
+    for n, (v, rows, _) in out.items():
+        ours = sum((r["verdict"] == "correct") == (t == "correct") for r, t in zip(rows, v.truth, strict=True))
+        bare = sum((bare_math_verify(g, x) == "correct") == (t == "correct")
+                   for g, x, t in zip(v.golds, v.bare_text, v.truth, strict=True))
+        if ours < bare:
+            worse[n] = (ours, bare, len(rows))
+    assert worse == {}
