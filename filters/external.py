@@ -271,7 +271,7 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
 
     def bad(reason: str, ref: str, msg: str) -> None:
         quarantined[reason] = quarantined.get(reason, 0) + 1
-        bad_refs.append(f"{ref}: {msg}")
+        bad_refs.append(msg if msg.startswith(f"{ref}:") else f"{ref}: {msg}")
         log.warning("external chains: %s (%s)", msg, reason)
 
     c = cfg.columns
