@@ -3,7 +3,8 @@
 Candidates in order of strength (the first kind that yields a usable answer wins):
 
 1. `boxed`: the last `\\boxed{…}` / `\\fbox{…}`; several boxes close together at the end (`\\boxed{3},
-   \\boxed{4}`) are one answer, joined as a list (`boxed_list`);
+   \\boxed{4}`) are one answer, joined as a list (`boxed_list`); an explicit marker of rule 2 or 3 after
+   the last box ("… \\boxed{7}. Checking again … Final answer: 8") restates the answer and wins;
 2. `answer_tag`: the teacher's own answer markers: `<answer>…</answer>`, a line starting `Answer:` (or
    `答案：`), `#### 12`, a trailing JSON object's `"answer"` (`{"answer": "12"}`, fenced or not);
 3. `final_answer`: a "Final Answer" heading (the lines under it) or "final answer: …" / "final answer is …";
@@ -406,7 +407,14 @@ def extract(response: str, answer_type: str | None = None, gold: str | None = No
     gold_word = _gold_is_word(gold)
     found = _boxed(response)
     if found:
-        return found  # the teacher boxed it: that is its answer, whatever it says
+        # the teacher boxed it: that is its answer, unless an explicit answer marker after the box
+        # restates it otherwise ("Tentatively \\boxed{7}. … Final answer: 8")
+        rest = response[found.end :]
+        if len(rest) < _TAIL_CHARS and re.search(r"answer|答案|####", rest, re.I):
+            later = _tagged(rest, found.end) or _heading(rest, found.end)
+            if later is not None and _usable(later.answer, gold_word, gold):
+                return later
+        return found
     offset = max(0, len(response) - _TAIL_CHARS)
     tail = response[offset:]
     for rule in (_tagged, _heading, _answer_is, _display, _last_sentence):

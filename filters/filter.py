@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 TABLES = ("chains", "problems")
 ROWS_FROM = "chains"  # rows_in = the rows of the chains input (pipeline.runner records how they chain)
-LOGIC_VERSION = 2  # 2: trace formats, extraction cascade, equivalence classes. Bump with any change of verify / extract / redundancy that changes verdicts or keep
+LOGIC_VERSION = 3  # 2: trace formats, extraction cascade, equivalence classes. 3: other teams' answer styles, markers and chat records. Bump with any change of verify / extract / redundancy that changes verdicts or keep
 
 FILTERED = extend(
     CHAINS,

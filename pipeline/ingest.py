@@ -41,7 +41,7 @@ from pipeline.schema import PROBLEMS, QUARANTINE
 log = logging.getLogger(__name__)
 TABLES = ("problems", "quarantine")
 # Bumped whenever a code change changes the rows ingest writes (2: multiple-choice ids include the options).
-LOGIC_VERSION = 2
+LOGIC_VERSION = 3  # 3: bytes golds read as text, object golds quarantined (bad_answer)
 
 # Row groups of image tables: small enough that compressing one overlaps reading the next (and that a
 # reader fetching one problem decodes little), large enough that text-only sources get big groups.

@@ -100,3 +100,45 @@ def test_never_below_bare_math_verify(scored):
         if ours < bare:
             worse[n] = (ours, bare, len(rows))
     assert worse == {}
+
+
+@pytest.mark.parametrize(
+    ("response", "atype", "choices", "answer", "source"),
+    [
+        ('Done.\n\n{"answer": "-\\\\dfrac{5}{12}"}', None, None, "-\\dfrac{5}{12}", "answer_tag"),
+        ('Done.\n```json\n{"answer": [2, 3]}\n```', None, None, "2, 3", "answer_tag"),
+        ('{"answer": 12} was my first guess, but the rest of this paragraph goes on to change it entirely.', None,
+         None, None, None),
+        ("Thus, the final answer is:\n\nFinal answer: 7", None, None, "7", "final_answer"),
+        ("The answer is in the form \\(\\frac{m}{n}\\). So m + n = 13.\n\nTherefore, the result is 13.", None, None,
+         "13", "last_sentence"),
+        ("答案：１２", None, None, "12", "answer_tag"),
+        ("So the value is −3.", None, None, "-3", "last_sentence"),
+        ("First $\\boxed{71}$. Checking again, that was a slip.\n\nFinal answer: 7", None, None, "7", "final_answer"),
+        ("So $\\boxed{7}$.\n\nFinal Answer: The final answer is $7$. I hope it is correct.", None, None, "7",
+         "final_answer"),
+        ("The correct option is either $R$ or $S$, but no others.", "choice",
+         ["only $Q$", "only $R$", "either $R$ or $S$, but no others"], "either $R$ or $S$, but no others", "option_text"),
+        ("I compared them all.\nIt is only $R$ here.", "choice", ["only $Q$", "only $R$", "only $S$"], "only $R$",
+         "option_text"),
+        ("Both only $Q$ and only $R$ fit.", "choice", ["only $Q$", "only $R$"], None, None),
+    ],
+)
+def test_extraction_of_other_answer_styles(response, atype, choices, answer, source):
+    from filters.extract import extract
+
+    found = extract(response, atype, None, choices)
+    assert (found.answer if found else None, found.source if found else None) == (answer, source)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "verdict"),
+    [("\\text{-\\dfrac{1}{4}}", "-\\frac{1}{4}", "correct"), ("\\text{45^\\circ}", "45", "correct"),
+     ("３", "3", "correct"), ("3{,}5", "3.5", "correct"), ("1{,}000", "1000", "correct"), ("3{,}4", "3.5", "wrong"),
+     ("12", "１２", "correct"), ("\\text{Yes}", "yes", "correct")],
+)
+def test_answer_forms(pred, gold, verdict):
+    from pipeline.ingest import infer_answer_type
+
+    opts = {"float_rounding": 6, "percent_either_way": True}
+    assert check_answer(pred, gold, infer_answer_type(gold, None), None, opts)[0] == verdict

@@ -83,6 +83,11 @@ STYLES = {
     "unicode_minus": lambda x: f"The answer is {x.replace('-', '−')}.",
     "fullwidth": lambda x: f"答案：{x.translate(_FULLWIDTH)}",
     "no_marker_last_line": lambda x: f"Therefore, the result is {x}.",
+    "minerva": lambda x: f"Final Answer: The final answer is ${x}$. I hope it is correct.",
+    "answer_then_explanation": lambda x: f"**Answer:** {x}\n\nThis follows from the computation above, since every step was checked twice.",
+    "boxed_then_plain_final": lambda x: f"Tentatively $\\boxed{{{x}1}}$. Checking again, that was an arithmetic slip.\n\nFinal answer: {x}",
+    "answer_tag_xml": lambda x: f"<answer>{x}</answer>",
+    "im_end_token": lambda x: f"The answer is $\\boxed{{{x}}}$.<|im_end|>",
 }
 
 # reasoning markers: (open, close) around the reasoning, the answer after it
