@@ -8,7 +8,7 @@ Candidates in order of strength (the first kind that yields a usable answer wins
 2. `answer_tag`: the teacher's own answer markers: `<answer>…</answer>`, a line starting `Answer:` (or
    `答案：`), `#### 12`, a trailing JSON object's `"answer"` (`{"answer": "12"}`, fenced or not);
 3. `final_answer`: a "Final Answer" heading (the lines under it) or "final answer: …" / "final answer is …";
-4. `answer_is`: "the answer is …";
+4. `answer_is`: "the answer is …" (or `答案是` / `答案为` / `故选`);
 5. `display_formula`: a display formula (`$$…$$`, `\\[…\\]`) that ends the text;
 6. `last_sentence`: the last sentence, when it reads "… is / are / = / equals X";
 7. `choice_letter`: for multiple choice, a lone option letter on the last line.
@@ -164,8 +164,8 @@ _ANSWER_LINE = re.compile(r"(?im)^[ \t>*#]*(?:\*\*)?(?:answer|(?:最终)?答案)
 _JSON_ANSWER = re.compile(
     r'"(?:final[_ ]?answer|answer)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\[[^\[\]]*\])', re.I
 )
-# full-width forms (U+FF01-FF5E), the ideographic space and the Unicode minus: one ASCII character each
-_WIDE = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20, 0x2212: 0x2D}
+# full-width forms (U+FF01-FF5E), the ideographic space, comma and full stop, the Unicode minus: one ASCII character each
+_WIDE = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20, 0x3001: 0x2C, 0x3002: 0x2E, 0x2212: 0x2D}
 
 
 def ascii_forms(s: str) -> str:
@@ -174,7 +174,10 @@ def ascii_forms(s: str) -> str:
 _HASHES = re.compile(r"(?m)^\s*####\s*([^\n]+)$")
 _HEADING = re.compile(r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*final[ \t]+answer[ \t]*[:：]?[ \t]*(?:\*\*|__)?[ \t]*[:：]?[ \t]*$")
 _FINAL_INLINE = re.compile(r"final\s+answer\s*(?:\*\*)?\s*(?:is\b|[:：=])?\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
-_ANSWER_IS = re.compile(r"\banswer\s*(?:\*\*)?\s*(?:is\b|[:：=])\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
+_ANSWER_IS = re.compile(
+    r"(?:\banswer\s*(?:\*\*)?\s*(?:is\b|[:：=])|答案(?:是|为|應為|应为)|(?:故|所以|因此|应|應)选)\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})",
+    re.I,
+)
 _DISPLAY = re.compile(r"(\$\$(.+?)\$\$|\\\[(.+?)\\\])", re.S)
 _COPULA = re.compile(r"\s(?:is|are|was|were|equals|equal\s+to|becomes|gives|yields)\s+|\s*(?<![<>!\\])=(?!=)\s*|\\approx|≈")
 # sentence ends: ". " / "! " / "? " / newline, never the point of a decimal ("6.17") or an abbreviation ("e.g.")

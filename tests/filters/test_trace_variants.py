@@ -142,3 +142,53 @@ def test_answer_forms(pred, gold, verdict):
 
     opts = {"float_rounding": 6, "percent_either_way": True}
     assert check_answer(pred, gold, infer_answer_type(gold, None), None, opts)[0] == verdict
+
+
+C = ["12 cm", "15 cm", "18 cm", "20 cm", "24 cm"]
+# whole chains through verify_response: (text, gold, choices, verdict)
+OTHER_ANSWERS = [
+ ("<think>x</think>The answer is (C) 18 cm.", "C", C, "correct"),
+ ("<think>x</think>C: 18 cm", "C", C, "correct"),
+ ("<think>x</think>answer: c", "C", C, "correct"),
+ ("<think>x</think>答案是 C", "C", C, "correct"),
+ ("<think>x</think>故选C。", "C", C, "correct"),
+ ("<think>x</think>Therefore the answer is **(C)**.", "C", C, "correct"),
+ ("<think>x</think>The answer is 18 cm.", "C", C, "correct"),
+ ("<think>x</think>The answer is 18.", "C", C, "correct"),
+ ("<think>x</think>The answer is (B) 18 cm.", "C", C, "wrong"),
+ ("<think>x</think>So x = 5", "5", None, "correct"),
+ ("<think>x</think>So the probability is 0.25.", "25\\%", None, "correct"),
+ ("<think>x</think>\\boxed{\\dfrac{\\sqrt3}{2}}", "\\frac{\\sqrt{3}}{2}", None, "correct"),
+ ("<think>x</think>\\boxed{East}", "\\text{east}", None, "correct"),
+ ("<think>x</think>\\boxed{x \\in [1, 3]}", "[1,3]", None, "correct"),
+ ("<think>x</think>\\boxed{1, 2, 3}", "\\{1,2,3\\}", None, "correct"),
+ ("<think>x</think>\\boxed{(1,2)}", "(2,1)", None, "wrong"),
+ ("<think>x</think>The answer is $\\boxed{5}$ and $\\boxed{7}$.", "5, 7", None, "correct"),
+ ("<think>x</think>\\boxed{\\text{5 apples}}", "5", None, "correct"),
+ ("<think>x</think>\\boxed{5\\%}", "5", None, "correct"),
+ ("<think>x</think>\\boxed{50^{\\circ}}", "50", None, "correct"),
+ ("<think>x</think>\\boxed{1\\,000}", "1000", None, "correct"),
+ ("<think>x</think>\\boxed{\\frac12}", "0.5", None, "correct"),
+ ("<think>x</think>\\boxed{ \\frac{1}{2} }", "\\dfrac{1}{2}", None, "correct"),
+ ("<think>x</think>Final answer: 1/2", "\\frac{1}{2}", None, "correct"),
+ ("<think>x</think>**Final Answer:** $\\frac{1}{2}$", "0.5", None, "correct"),
+ ("<think>x</think>The answer is: $-\\frac{1}{2}$", "-0.5", None, "correct"),
+ ("<think>x</think>The answer is −½.", "-\\frac{1}{2}", None, "correct"),
+ ("<think>x</think>The answer is ½.", "\\frac{1}{2}", None, "correct"),
+ ("<think>x</think>The answer is 2².", "4", None, "correct"),
+ ("<think>x</think>The answer is √2.", "\\sqrt{2}", None, "correct"),
+ ("<think>x</think>The answer is 3π.", "3\\pi", None, "correct"),
+ ("<think>x</think>The answer is 90°.", "90", None, "correct"),
+ ("<think>x</think>The answer is \\(\\boxed{12}\\)", "12", None, "correct"),
+ ("<think>x</think>ANSWER: 12\n\n</s>", "12", None, "correct"),
+]
+
+
+@pytest.mark.parametrize(("text", "gold", "choices", "verdict"), OTHER_ANSWERS)
+def test_chains_answered_the_ways_other_teams_write(text, gold, choices, verdict):
+    """Chinese answer phrases, option letter and text together, Unicode math (½, ², √), \\text{} units."""
+    from filters.verify import verify_response
+    from pipeline.ingest import infer_answer_type
+
+    r = verify_response(text, {"answer": gold, "answer_type": infer_answer_type(gold, choices), "choices": choices})
+    assert r.verdict == verdict, (r.pred_answer, r.detail)
