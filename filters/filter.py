@@ -251,7 +251,8 @@ def _problem_columns(chains: pa.Table, problems: dict[str, dict]) -> pa.Table:
 def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[str, dict]]:
     """(chains, {problem_id: problem}) from the generate step, or from `cfg.source` when there is none."""
     problems: dict[str, dict] = {}
-    prob_dirs = [d for d in ctx.input_dirs("problems") if shard_files(d)]
+    # a run of external chains alone (filter.source, no ingest step) has no problems input
+    prob_dirs = [d for d in ctx.inputs.get("problems", []) if shard_files(d)]
     if prob_dirs:
         for p in ctx.read_input("problems").to_pylist():
             problems[p["problem_id"]] = p

@@ -123,3 +123,37 @@ def test_validate_names_a_missing_source(tmp_path):
         f"filter.source.path: file not found: {tmp_path / 'nope.jsonl'}"
     ]
     assert preflight(FilterConfig()) == []
+
+
+def test_chat_records_alone_filter_and_curate(tmp_path):
+    """A file of chat records (OpenAI with reasoning_content, ShareGPT with <thought>, a Kimi-style
+    string) and no ingest step: `r1v run` filters and curates them; the SFT turns carry the reasoning."""
+    import yaml
+
+    from pipeline.cli import main
+
+    rows = [
+        {"id": 1, "gold": "5", "chat": [{"role": "system", "content": "Think."}, {"role": "user", "content": "2+3?"},
+                                        {"role": "assistant", "content": "So \\boxed{5}.", "reasoning_content": "2+3 is 5"}]},
+        {"id": 2, "gold": "7", "chat": [{"from": "human", "value": "3+4?"},
+                                        {"from": "gpt", "value": "<thought>3+4 is 7</thought>Answer: 7"}]},
+        {"id": 3, "q": "4+4?", "gold": "8", "chat": "◁think▷4+4 is 9◁/think▷The answer is $9$."},
+        {"id": 4, "gold": "1", "chat": [{"role": "user", "content": "1?"}]},  # no assistant turn: counted
+    ]
+    path = _jsonl(tmp_path / "chats.jsonl", rows)
+    cfg = {"run": {"name": "chats", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2},
+           "filter": {"workers": 0, "source": {"path": str(path),
+                                               "columns": {"question": "q", "answer": "gold", "trace": "chat", "id": "id"}}},
+           "curate": {"n_per_problem": 2}}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(cfg_path)]) == 0
+    run_dir = tmp_path / "runs" / "chats"
+    m = Manifest.load(run_dir / "filter")
+    assert (m.rows_in, m.kept, m.dropped, m.quarantined) == (4, 2, {"wrong": 1}, {"bad_trace": 1})
+    assert m.metrics["trace_formats"] == {"think": 3}
+    sft = read_table(run_dir / "curate").to_pylist()
+    turns = sorted(s["messages"][-1]["content"] for s in sft)
+    assert turns == ["<think>\n2+3 is 5\n</think>\n\nSo \\boxed{5}.", "<think>\n3+4 is 7\n</think>\n\nAnswer: 7"]
+    questions = sorted(s["messages"][-2]["content"] for s in sft)
+    assert [q.split()[-1] for q in questions] == ["2+3?", "3+4?"]
