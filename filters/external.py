@@ -23,6 +23,8 @@ Chat records are detected, not assumed: a trace column holding an OpenAI message
 content a string or a list of `{"type": "text", "text"}` parts) or a whole conversation (OpenAI
 `messages`, ShareGPT `conversations` with `from` / `value`) gives the last assistant turn as the trace,
 and its user turn as the question when the question column holds the same conversation or is absent.
+An OpenAI API response (`{"choices": [{"message": {…}, "finish_reason": …}]}`, or its `choices` list)
+gives one sample per choice, each with its own finish reason ("length" = cut off).
 Reasoning kept apart from the answer (`reasoning_content` / `reasoning` / `thinking` in the message, or
 a `reasoning` column) is joined as `<think>reasoning</think>answer`, so the chain reads as `think`;
 with reasoning and no answer text it is an unclosed think span (cut off).
@@ -222,6 +224,28 @@ def read_trace(value: Any, column: str) -> tuple[str | None, str | None, str | N
     raise TraceError(f"column {column!r} is a {type(value).__name__}, not a string, message or chat")
 
 
+def read_choices(value: Any) -> list[tuple[str | None, str | None, str | None]] | None:
+    """(text, reasoning, finish_reason) per choice of an OpenAI response (`{"choices": [{"message": …,
+    "finish_reason": …}]}`, a chat or a completions response, or the `choices` list itself); None when
+    the value is no such response."""
+    choices = value.get("choices") if isinstance(value, dict) else value
+    if not isinstance(choices, list) or not choices or not all(isinstance(ch, dict) for ch in choices):
+        return None
+    if not all("message" in ch or "delta" in ch or ("text" in ch and ("index" in ch or "finish_reason" in ch))
+               for ch in choices):
+        return None
+    out = []
+    for ch in choices:
+        msg = ch.get("message", ch.get("delta"))
+        if isinstance(msg, dict):
+            _role, text, reasoning = _turn(msg)
+        else:
+            text, reasoning = _text(ch.get("text")), None
+        finish = ch.get("finish_reason")
+        out.append((text, reasoning, finish if isinstance(finish, str) else None))
+    return out
+
+
 def join_reasoning(text: str | None, reasoning: str | None) -> str | None:
     """`<think>reasoning</think>text` (the think format), or the text alone when there is no reasoning
     or the text carries its own think span."""
@@ -260,6 +284,15 @@ def _samples(trace: str, cfg: ChainsSourceConfig) -> tuple[list[tuple[int, str]]
     return [(len(pieces) - 1, pieces[-1])], len(pieces) - 1
 
 
+def _choice_samples(texts: list[str], finishes: list[str | None], cfg: ChainsSourceConfig) -> tuple[list, int]:
+    """((index, text, finish_reason) to keep, samples left out) of an API response's choices."""
+    every = [(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
+    if len(every) == 1 or cfg.samples == "each":
+        return every, 0
+    complete = [x for x in every if x[2] != "length" and _complete(x[1])]
+    return [complete[-1] if complete else every[-1]], len(every) - 1
+
+
 def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
     """Chains and the problems they imply from an external file; bad rows are counted by reason."""
     from pipeline.ingest import RowError
@@ -284,15 +317,23 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
             bad("bad_row", ref, str(row))
             continue
         absent += c.trace not in row
+        choices = read_choices(row.get(c.trace))
+        chat_question = None
         try:
-            trace, reasoning, chat_question = read_trace(row.get(c.trace), c.trace)
-            if c.reasoning:
-                extra, _r, _q = read_trace(row.get(c.reasoning), c.reasoning)
-                reasoning = reasoning or extra
+            if choices is None:
+                trace, reasoning, chat_question = read_trace(row.get(c.trace), c.trace)
+                if c.reasoning:
+                    extra, _r, _q = read_trace(row.get(c.reasoning), c.reasoning)
+                    reasoning = reasoning or extra
         except TraceError as e:
             bad("bad_trace", ref, str(e))
             continue
-        trace = join_reasoning(trace, reasoning)
+        if choices is not None:  # an API response: every choice is a sample with its own finish reason
+            texts = [join_reasoning(t, r) for t, r, _f in choices]
+            texts = [t for t in texts if isinstance(t, str) and t.strip()]
+            trace = "\n".join(texts)
+        else:
+            trace = join_reasoning(trace, reasoning)
         if not isinstance(trace, str) or not trace.strip():
             bad("missing_trace", ref, f"no trace in column {c.trace!r}")
             continue
@@ -304,14 +345,21 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
             bad(e.reason, ref, e.error)
             continue
         problems.setdefault(prob["problem_id"], prob)
-        kept, skipped = _samples(trace, cfg)
+        tokens = row.get(c.completion_tokens) if c.completion_tokens else None
+        finish = row.get(c.finish_reason) if c.finish_reason else None
+        if choices is not None:
+            finishes = [f or finish for t, r, f in choices if (join_reasoning(t, r) or "").strip()]
+            kept, skipped = _choice_samples(texts, finishes, cfg)
+        else:
+            kept, skipped = _samples(trace, cfg)
+            n = len(kept) + skipped
+            # the row's generation facts describe its last sample (the one the budget cut)
+            kept = [(i, t, finish if i == n - 1 else ("stop" if finish == "length" else finish)) for i, t in kept]
         n_pieces = len(kept) + skipped
         loaded.multi_sample_rows += n_pieces > 1
         loaded.samples_skipped += skipped
-        tokens = row.get(c.completion_tokens) if c.completion_tokens else None
-        finish = row.get(c.finish_reason) if c.finish_reason else None
         added = 0
-        for idx, completion in kept:
+        for idx, completion, finish_i in kept:
             last = idx == n_pieces - 1
             chain_id = stable_hash("external", prob["problem_id"], trace, *([idx] if n_pieces > 1 else []))
             if chain_id in seen:
@@ -330,8 +378,7 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
                     "completion": completion if n_pieces == 1 else completion.strip(),
                     "reasoning": split.reasoning,
                     "response": split.response,
-                    # the row's generation facts describe its last sample (the one the budget cut)
-                    "finish_reason": finish if last else ("stop" if finish == "length" else finish),
+                    "finish_reason": finish_i,
                     "completion_tokens": int(tokens) if isinstance(tokens, (int, float)) and n_pieces == 1 else None,
                     "sampling": {"max_tokens": cfg.max_tokens} if cfg.max_tokens and last else None,
                     "simulated": False,

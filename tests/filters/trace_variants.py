@@ -169,6 +169,14 @@ def trace_classes(clean: list[dict]) -> dict[str, Variant]:
     v.columns = {**BASE_COLS, "trace": "messages"}
     out["record:openai_reasoning_content"] = v
 
+    def api_response(s):
+        return {"response": {"id": "cmpl-1", "object": "chat.completion", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": s["_a"], "reasoning_content": s["_r"]}}]}}, s["_a"]
+    v = _trace_rows(clean, "api_response", api_response)
+    v.columns = {**BASE_COLS, "trace": "response"}
+    out["record:openai_response"] = v
+
     def cut_plain(s):  # reasoning only, cut mid-sentence, no end marker and no finish reason
         r = s["_r"]
         i = int(len(r) * 0.5)
