@@ -192,3 +192,26 @@ def test_chains_answered_the_ways_other_teams_write(text, gold, choices, verdict
 
     r = verify_response(text, {"answer": gold, "answer_type": infer_answer_type(gold, choices), "choices": choices})
     assert r.verdict == verdict, (r.pred_answer, r.detail)
+
+
+@pytest.mark.parametrize(
+    ("choices", "expected"),
+    [("(A) 12 (B) 15 (C) 18", ["12", "15", "18"]), ("A) 12; B) 15; C) 18", ["12", "15", "18"]),
+     ("A. 12\nB. 15", ["12", "15"]), (["A．12", "B．15"], ["12", "15"]), ({"A": "12", "B": "15"}, ["12", "15"]),
+     ("Vitamin A. B. C. rule", ["Vitamin A. B. C. rule"])],
+)
+def test_option_lists_as_other_datasets_write_them(choices, expected):
+    from pipeline.ingest import normalise_choices
+
+    assert normalise_choices(choices) == expected
+
+
+@pytest.mark.parametrize(
+    ("gold", "letter"),
+    [("(C)", "C"), ("C. 18", "C"), ("C: 18", "C"), ("Option C", "C"), ("choice (C)", "C"), ("c", "C"), ("18", "C"),
+     ("A. 18", "A. 18")],  # a letter with another option's text is left as it is (not guessed)
+)
+def test_golds_naming_an_option_become_its_letter(gold, letter):
+    from pipeline.ingest import _choice_fields, normalise_answer
+
+    assert _choice_fields(normalise_answer(gold), ["12", "15", "18"], None)[0] == letter
