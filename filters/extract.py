@@ -216,7 +216,7 @@ def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
     ("let me think about it again"): six words or more, no digit, no math, where the gold is short."""
     if not ans or (not gold_word and is_verdict_word(ans)):
         return False
-    if _CLAUSE.match(ans):
+    if _CLAUSE.match(ans) and not (gold and _CLAUSE.match(gold.strip())):
         return False  # "the answer is in the form \frac{m}{n}": a description, not the answer
     words = len(_words_only(ans).split())
     long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
@@ -292,7 +292,23 @@ def _json_answer(text: str, offset: int) -> Extraction | None:
     import json
 
     m = _last_match(_JSON_ANSWER, text)
-    if m is None or words_after(text, m.end()) > 3:
+    if m is None:
+        return None
+    end = m.end()
+    # the object around the field ({"answer": 5, "explanation": "…"}) must end the text, not the field
+    dec, p = json.JSONDecoder(), m.start()
+    for _ in range(8):
+        p = text.rfind("{", 0, p)
+        if p < 0:
+            break
+        try:
+            obj, obj_end = dec.raw_decode(text, p)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj_end >= m.end():
+            end = obj_end
+            break
+    if words_after(text, end) > 3:
         return None
     try:
         value = json.loads(m.group(1))
@@ -302,7 +318,7 @@ def _json_answer(text: str, offset: int) -> Extraction | None:
         value = ", ".join(str(v) for v in value)
     ans = clean_answer(str(value))
     boxed = find_boxed(ans)
-    return Extraction(clean_answer(boxed[-1]) if boxed else ans, "answer_tag", offset + m.end()) if ans else None
+    return Extraction(clean_answer(boxed[-1]) if boxed else ans, "answer_tag", offset + end) if ans else None
 
 
 def _heading(text: str, offset: int) -> Extraction | None:

@@ -107,6 +107,8 @@ def test_never_below_bare_math_verify(scored):
     [
         ('Done.\n\n{"answer": "-\\\\dfrac{5}{12}"}', None, None, "-\\dfrac{5}{12}", "answer_tag"),
         ('Done.\n```json\n{"answer": [2, 3]}\n```', None, None, "2, 3", "answer_tag"),
+        ('Result:\n{"answer": "12", "explanation": "we add the two numbers, then double the sum and check it twice"}',
+         None, None, "12", "answer_tag"),
         ('{"answer": 12} was my first guess, but the rest of this paragraph goes on to change it entirely.', None,
          None, None, None),
         ("Thus, the final answer is:\n\nFinal answer: 7", None, None, "7", "final_answer"),

@@ -74,6 +74,7 @@ STYLES = {
     "answer_is_math": lambda x: f"The answer is ${x}$.",
     "answer_caps": lambda x: f"ANSWER: {x}",
     "json_tail": lambda x: json.dumps({"answer": x}),
+    "json_answer_first": lambda x: json.dumps({"answer": x, "explanation": "the computation above, checked by substituting back"}),
     "json_fenced": lambda x: "```json\n" + json.dumps({"reasoning": "see above", "answer": x}) + "\n```",
     "boxed_text": lambda x: f"$\\boxed{{\\text{{{x}}}}}$",
     "boxed_units": lambda x: f"$\\boxed{{{x}\\ \\text{{units}}}}$",
