@@ -150,7 +150,7 @@ def variant_agreement(pool, scorer, cfg, tmp: Path) -> None:
 
     from filters.external import ChainsSourceConfig, load_chains
     from filters.filter import _problem_columns, score_batch
-    from tests.filters.trace_variants import bare_math_verify, clean_traces, variant_classes
+    from tests.filters.trace_variants import bare_math_verify, clean_traces, matches, variant_classes
 
     traces = [json.loads(line) for line in TRACES.read_text().splitlines() if line.strip()]
     mv_path = TRACES.parents[1] / "mathv-testmini" / "testmini.jsonl"
@@ -177,7 +177,7 @@ def variant_agreement(pool, scorer, cfg, tmp: Path) -> None:
         ours = ["quarantined" if i in bad else next(it)["verdict"] for i in range(1, len(v.records) + 1)]
         bare_v = [bare_math_verify(g, t) for g, t in zip(v.golds, v.bare_text, strict=True)]
         n = len(v.truth)
-        exact = sum(a == t for a, t in zip(ours, v.truth, strict=True))
+        exact = sum(matches(a, t) for a, t in zip(ours, v.truth, strict=True))
         cw = sum((a == "correct") == (t == "correct") for a, t in zip(ours, v.truth, strict=True))
         b = sum((x == "correct") == (t == "correct") for x, t in zip(bare_v, v.truth, strict=True))
         for i, x in enumerate((n, exact, cw, b)):

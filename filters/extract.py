@@ -208,6 +208,7 @@ def _gold_is_word(gold: str | None) -> bool:
     return bool(gold) and is_verdict_word(gold)
 
 
+_DANGLING = re.compile(r"[A-Za-z,]\s+(?:of|the|a|an|is|are|was|be|to|and|or|in|for|with|by|from|as|that)\s*$", re.I)
 _CLAUSE = re.compile(r"(?:in|of|to|that|given|expressed|written|asked|required|needed|as follows)\b", re.I)
 
 
@@ -217,7 +218,9 @@ def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
     if not ans or (not gold_word and is_verdict_word(ans)):
         return False
     if _CLAUSE.match(ans) and not (gold and _CLAUSE.match(gold.strip())):
-        return False  # "the answer is in the form \frac{m}{n}": a description, not the answer
+        return False
+    if _DANGLING.search(ans) and not (gold and _DANGLING.search(gold)):
+        return False  # "**Answer:** The number of" (cut off): a sentence that never reached its value  # "the answer is in the form \frac{m}{n}": a description, not the answer
     words = len(_words_only(ans).split())
     long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
     return long_gold or words < 6 or bool(re.search(r"[\d\\^=]", ans))
@@ -469,6 +472,6 @@ def truncation(split: Split, found: Extraction | None) -> str | None:
     cut = ends_cut(split.response)
     if cut is None:
         return None
-    if found is not None and words_after(split.response, found.end) < 4:
-        return None
+    if found is not None and (words_after(split.response, found.end) < 4 or cut == "ends mid-reasoning"):
+        return None  # an answer was given: a closing check ("Let me verify: 3*4 = 12.") is no cut
     return f"solution block cut off ({cut})" if split.solution_open else cut

@@ -15,7 +15,8 @@ is split off (curate needs it) and an unclosed one is evidence of truncation lik
 
 A chain is called truncated only on evidence (`truncation`): a think / thought span the text opened and
 never closed (the answer part never began); or a text (the response, an open solution block, a plain
-trace) that stops mid-sentence or mid-formula with no final-answer region at its end. A solution block
+trace) that stops mid-sentence or mid-formula, or on a sentence announcing more work ("Wait, …",
+"Let me simplify this.", "Maybe I should consider …"), with no final-answer region at its end. A solution block
 without its end marker whose text is complete is not truncated: teachers drop that marker. The
 generation-side evidence (finish_reason "length", token count at the budget) is checked by the filter.
 """
@@ -152,6 +153,26 @@ def _unbalanced_math(tail: str) -> bool:
     return depth > 0
 
 
+# a last sentence that announces more work is no ending: "Wait, that might not be right.", "Let me simplify
+# this step by step.", "Maybe I should consider the days." (never "Let me know if …", a sign-off)
+_PLAN = re.compile(
+    r"(?:(?:so|but|okay|ok|now|hmm+|alright|well),?\s+)*"
+    r"(?:wait|hmm+|let me(?!\s+know)|let's|maybe i|perhaps i|alternatively|i (?:need|should|will|must) (?:to )?"
+    r"(?:check|verify|compute|calculate|find|consider|think|figure|simplify|re-?examine|reconsider|make sure)|"
+    r"now,? (?:i|we) (?:need|have|should|will|can)|next,? (?:i|we))\b",
+    re.I,
+)
+
+
+def ends_in_plan(text: str) -> bool:
+    """True when the text's last sentence announces more work ("Wait, …", "Let me …", "Maybe I should …")."""
+    t = text.rstrip()[-400:]
+    parts = re.split(r"(?<=[.!?])\s+|\n+", t)
+    last = next((p for p in reversed(parts) if p.strip()), "")
+    # a sentence that does the work it announces ("Let me verify: 5*3 = 15, …") is no plan
+    return bool(_PLAN.match(last.strip().lstrip("*#>- "))) and "=" not in last
+
+
 def ends_cut(text: str) -> str | None:
     """Why `text` looks cut off mid-way ("ends mid-formula" / "ends mid-sentence"), or None.
 
@@ -169,7 +190,7 @@ def ends_cut(text: str) -> str | None:
     if re.search(r"[=+\-*/^_,:;(]\s*$", t):
         return "ends mid-sentence"  # a trailing operator, comma or colon ("x = 3 +", "for k=3,")
     if _CLEAN_END.search(t):
-        return None
+        return "ends mid-reasoning" if ends_in_plan(t) else None
     return "ends mid-sentence"
 
 

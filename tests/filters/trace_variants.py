@@ -21,10 +21,17 @@ from filters.extract import find_boxed_spans, split_chain
 BASE_COLS = {"question": "problem", "answer": "gold_answer", "trace": "trace", "id": "id"}
 
 
+NOT_CORRECT = "not_correct"  # a truth label: any verdict but correct (the chain must be dropped)
+
+
+def matches(verdict: str, truth: str) -> bool:
+    return verdict != "correct" if truth == NOT_CORRECT else verdict == truth
+
+
 @dataclass
 class Variant:
     records: list[dict]
-    truth: list[str]  # "correct" / "wrong" / "truncated" per record
+    truth: list[str]  # "correct" / "wrong" / "truncated" / NOT_CORRECT per record
     bare_text: list[str]  # what a bare math-verify user parses (the assistant's text)
     golds: list[str]
     columns: dict = field(default_factory=lambda: dict(BASE_COLS))
@@ -100,6 +107,16 @@ MARKERS = {
     "think_upper": ("<THINK>", "</THINK>"),
     "seed_think": ("<seed:think>", "</seed:think>"),
 }
+
+
+def _plan_cut(r: str) -> str | None:
+    """The reasoning up to the end of the first "Wait, …" / "Let me …" sentence past its middle; None where
+    the text just before it already states an answer ("… is 88572. Wait, let me make sure"): its truth is open."""
+    m = re.compile(r"(?:(?<=\n)|(?<=[.!?] ))(?:Wait|Let me|Hmm|Maybe I)\b[^.!?\n]{5,200}[.!?](?=\s)").search(r, len(r) // 2)
+    if m is None:
+        return None
+    para = r[max(0, m.start() - 400) : m.start()]
+    return None if re.search(r"answer|\\boxed|\bis \$?-?\d", para, re.I) else r[: m.end()]
 
 
 def _trace_rows(clean: list[dict], name: str, make) -> Variant:
@@ -187,6 +204,24 @@ def trace_classes(clean: list[dict]) -> dict[str, Variant]:
     v = _trace_rows(clean, "cut", cut_plain)
     v.truth = ["truncated"] * len(v.truth)
     out["text:cut_no_marker"] = v
+
+    # reasoning cut right after a sentence that announces more work ("Wait, …", "Let me …"): no marker,
+    # no finish reason, a clean full stop, and still a cut chain
+    recs = [s for s in clean if _plan_cut(s["_r"])]
+    v = _trace_rows(recs, "cut_at_plan", lambda s: ({"trace": _plan_cut(s["_r"])}, _plan_cut(s["_r"])))
+    v.truth = [NOT_CORRECT] * len(v.truth)  # cut, but a sentence end: truncated where evidence shows, else dropped
+    out["text:cut_after_plan"] = v
+
+    def cut_in_answer(s):  # the answer part cut mid-sentence before its boxed answer
+        a = s["_a"]
+        at = a.find("\\boxed")
+        head = a[: max(0, at)]
+        m = list(re.finditer(r"[A-Za-z]{3,} [A-Za-z]{3,} [a-z]{2,}", head))
+        text = f"<think>\n{s['_r']}\n</think>\n\n{head[: m[-1].end()] if m else 'We now compute the'}"
+        return {"trace": text}, text
+    v = _trace_rows(clean, "cut_answer", cut_in_answer)
+    v.truth = ["truncated"] * len(v.truth)
+    out["text:cut_in_answer"] = v
     return out
 
 
