@@ -44,7 +44,7 @@ from pydantic import Field
 
 from filters import equivalence as eqv
 from filters.equivalence import rounded_equal
-from filters.extract import ascii_forms, choice_letter, clean_answer, extract, find_boxed, split_chain, truncation
+from filters.extract import choice_letter, clean_answer, extract, split_chain, truncation
 from pipeline.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -464,42 +464,6 @@ def _mv_extract(tail: str) -> str | None:
     return strings[-1] if len(out) > 1 and strings else None
 
 
-_TEXT_WRAP = re.compile(r"\\(?:text|textrm|mathrm|mbox|textbf)\s*\{(.*)\}", re.S)
-
-
-_VULGAR = {"½": (1, 2), "⅓": (1, 3), "⅔": (2, 3), "¼": (1, 4), "¾": (3, 4), "⅕": (1, 5), "⅖": (2, 5), "⅗": (3, 5),
-           "⅘": (4, 5), "⅙": (1, 6), "⅚": (5, 6), "⅐": (1, 7), "⅛": (1, 8), "⅜": (3, 8), "⅝": (5, 8), "⅞": (7, 8),
-           "⅑": (1, 9), "⅒": (1, 10)}
-_SUPER = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
-_UNICODE_OPS = {"×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "⋅": "\\cdot ", "∞": "\\infty ", "≤": "\\le ",
-                "≥": "\\ge ", "≠": "\\ne "}
-
-
-def _unicode_math(s: str) -> str:
-    """Unicode math as LaTeX: `½` -> `\\frac{1}{2}`, `2²` -> `2^{2}`, `√2` -> `\\sqrt{2}`, `×` -> `\\times`."""
-    if s.isascii():
-        return s
-    for ch, (a, b) in _VULGAR.items():
-        s = s.replace(ch, f"\\frac{{{a}}}{{{b}}}")
-    s = re.sub(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+", lambda m: "^{" + m.group(0).translate(_SUPER) + "}", s)
-    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[a-zA-Z]|\([^()]*\)|\{[^{}]*\})",
-               lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
-    for ch, tex in _UNICODE_OPS.items():
-        s = s.replace(ch, tex)
-    return s
-
-
-def _plain_form(s: str) -> str:
-    """ASCII forms of full-width characters and Unicode math (`½`, `²`, `√`, `×`) as LaTeX; a whole
-    answer wrapped in `\\text{…}` around math or a number (`\\text{-\\dfrac{1}{4}}`, `\\text{45^\\circ}`,
-    `\\text{5 apples}`) is its content."""
-    s = _unicode_math(ascii_forms(s)).strip()
-    m = _TEXT_WRAP.fullmatch(s)
-    if m and find_boxed("\\boxed{" + m.group(1) + "}") == [m.group(1).strip()] and re.search(r"[\\^_\d]", m.group(1)):
-        s = m.group(1).strip()
-    return s
-
-
 def check_answer(
     pred: str | None, gold: str, answer_type: str | None, choices: Any, opts: dict, tail: str | None = None
 ) -> tuple:
@@ -516,7 +480,7 @@ def check_answer(
         if not used:
             return "no_answer", "nothing extractable", None
         return (*check_answer(used, gold, answer_type, choices, opts), used)
-    pred, gold = _plain_form(str(pred)), _plain_form(str(gold or ""))
+    pred, gold = eqv.plain_form(str(pred)), eqv.plain_form(str(gold or ""))
     if eqv.identical(pred, gold):
         return "correct", "identical"
     clock = eqv.clock_time(gold)

@@ -162,8 +162,8 @@ def test_chat_records_alone_filter_and_curate(tmp_path):
 def test_api_responses_give_one_sample_per_choice(tmp_path):
     """OpenAI chat / completions responses: every choice a sample with its own finish reason; a choice cut
     at the length limit is truncated whatever its text, and samples=last_complete never takes it."""
-    from filters.filter import FilterConfig, _problem_columns, score_batch
     from filters.deadline import DeadlinePool
+    from filters.filter import FilterConfig, _problem_columns, score_batch
     from filters.verify import check_answer
 
     resp = {"choices": [

@@ -16,7 +16,13 @@ from filters.deadline import DeadlinePool
 from filters.external import ChainsSourceConfig, load_chains
 from filters.filter import FilterConfig, _problem_columns, score_batch
 from filters.verify import check_answer
-from tests.filters.trace_variants import bare_math_verify, clean_traces, matches, trace_classes, variant_classes
+from tests.filters.trace_variants import (
+    bare_math_verify,
+    clean_traces,
+    matches,
+    trace_classes,
+    variant_classes,
+)
 
 COLUMNS = {"question": "problem", "answer": "gold_answer", "trace": "trace", "id": "id", "teacher": "model"}
 
