@@ -15,6 +15,12 @@ printed too. 1- and 2-actor runs alternate, best of --repeat each. Scaling ratio
 and the driver's share of the CPU time (driver CPU / (driver + actors)) is measured in the same runs.
 Agreement: the filter's verdicts and bare math-verify's against the traces' source labels and each other,
 and both against the expected verdicts of the answer-pair table (tests/filters/answer_pairs.py).
+Variant classes (tests/filters/trace_variants.py): traces-dev and MATH-V rewritten into other teams'
+record shapes, think markers and answer styles, each row with its true verdict; per class, the share of
+rows whose verdict is the true one (filter: exact verdict, correct / wrong / truncated; both: correct or
+not), through the user's way in (filter.source -> load_chains -> score_batch; a quarantined row counts as
+a miss), and the share of rows whose reasoning was split off (curate drops a chain without reasoning).
+`--agreement-only` prints the agreement sections and skips the timings.
 """
 
 from __future__ import annotations
@@ -137,11 +143,57 @@ def agreement(rows: list[dict], pool, scorer, cfg) -> None:
           f"| bare math-verify ($-wrapped) {b / len(PAIRS):.1%}")
 
 
+def variant_agreement(pool, scorer, cfg, tmp: Path) -> None:
+    """Per variant class: filter vs truth, bare math-verify vs truth (see the module docstring)."""
+    import json
+    import re
+
+    from filters.external import ChainsSourceConfig, load_chains
+    from filters.filter import _problem_columns, score_batch
+    from tests.filters.trace_variants import bare_math_verify, clean_traces, matches, variant_classes
+
+    traces = [json.loads(line) for line in TRACES.read_text().splitlines() if line.strip()]
+    mv_path = TRACES.parents[1] / "mathv-testmini" / "testmini.jsonl"
+    mathv = [json.loads(line) for line in mv_path.read_text().splitlines() if line.strip()] if mv_path.exists() else None
+    orig = score_batch(load().to_pylist(), cfg, pool, scorer)
+    clean = clean_traces(traces, [r["verdict"] for r in orig])
+    print(f"variant classes on {len(clean)} traces-dev chains whose verdict the source label confirms"
+          + (" and MATH-V testmini" if mathv else ""))
+    print(f"{'class':34s} | {'rows':>5s} | {'filter exact':>12s} | {'filter c/w':>10s} | {'bare mv c/w':>11s} | {'reasoning':>9s} | lost")
+    tot = [0, 0, 0, 0]
+    for name, v in variant_classes(clean, mathv).items():
+        p = tmp / f"{re.sub(r'[^a-z0-9_]', '_', name)}.jsonl"
+        p.write_text("\n".join(json.dumps(r) for r in v.records) + "\n")
+        try:
+            loaded = load_chains(ChainsSourceConfig(path=str(p), columns=v.columns))
+        except Exception as e:  # noqa: BLE001 - the table reports a class the loader refuses
+            msg = " ".join(str(e).split())
+            print(f"{name:34s} | {len(v.records):5d} | refused: {type(e).__name__}: {msg[:90]}")
+            continue
+        bad = {int(re.match(r".*?:(\d+):", b).group(1)) for b in loaded.bad_refs}
+        problems = {q["problem_id"]: q for q in loaded.problems.to_pylist()}
+        rows = score_batch(_problem_columns(loaded.chains, problems).to_pylist(), cfg, pool, scorer) if loaded.chains.num_rows else []
+        it = iter(rows)
+        ours = ["quarantined" if i in bad else next(it)["verdict"] for i in range(1, len(v.records) + 1)]
+        bare_v = [bare_math_verify(g, t) for g, t in zip(v.golds, v.bare_text, strict=True)]
+        n = len(v.truth)
+        exact = sum(matches(a, t) for a, t in zip(ours, v.truth, strict=True))
+        cw = sum((a == "correct") == (t == "correct") for a, t in zip(ours, v.truth, strict=True))
+        b = sum((x == "correct") == (t == "correct") for x, t in zip(bare_v, v.truth, strict=True))
+        for i, x in enumerate((n, exact, cw, b)):
+            tot[i] += x
+        split = sum(bool((r.get("reasoning") or "").strip()) for r in rows)
+        print(f"{name:34s} | {n:5d} | {exact / n:12.1%} | {cw / n:10.1%} | {b / n:11.1%} | {split / n:9.1%} | {len(bad)}")
+    n = max(1, tot[0])
+    print(f"{'all classes':34s} | {tot[0]:5d} | {tot[1] / n:12.1%} | {tot[2] / n:10.1%} | {tot[3] / n:11.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--copies", type=int, default=6, help="copies of the 160 traces for the Ray scaling runs")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--agreement-only", action="store_true", help="only the agreement sections, no timings")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not TRACES.exists():
@@ -157,12 +209,23 @@ def main() -> None:
     n = len(rows)
     cfg = FilterConfig(workers=0, batch_size=args.batch_size)
     scorer = Scorer(cfg.redundancy)
+    if args.agreement_only:
+        import tempfile
+
+        with DeadlinePool(check_answer, timeout_s=cfg.verify.timeout_s) as pool, tempfile.TemporaryDirectory() as tmp:
+            agreement(rows, pool, scorer, cfg)
+            variant_agreement(pool, scorer, cfg, Path(tmp))
+        return
     with DeadlinePool(check_answer, timeout_s=cfg.verify.timeout_s) as pool:
         ours(rows[:8], pool, scorer, cfg)  # warm caches and imports on both sides
         bare(rows[:8])
         t_bare = min(bare(rows) for _ in range(args.repeat))
         t_ours = min(ours(rows, pool, scorer, cfg) for _ in range(args.repeat))
         agreement(rows, pool, scorer, cfg)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            variant_agreement(pool, scorer, cfg, Path(tmp))
     print(f"bare math-verify      | {n} chains | {n / t_bare:8.1f} chains/s")
     print(f"filter, one core      | {n} chains | {n / t_ours:8.1f} chains/s")
     print(f"cost ratio filter / bare math-verify: {t_ours / t_bare:.2f} (target <= 1.5)")

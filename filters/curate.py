@@ -236,6 +236,19 @@ def _read_chains(ctx) -> list[dict[str, Any]]:
     return table.select([c for c in _CHAIN_COLUMNS if c in table.column_names]).to_pylist()
 
 
+def _read_problems(ctx) -> pa.Table:
+    """The run's problems; a run with no ingest step (external chains only, filter.source) has the
+    problems its filter step wrote beside the chains (`<filter>/problems/`)."""
+    dirs = [d for d in ctx.inputs.get("problems", []) if shard_files(d)]
+    if dirs:
+        return ctx.read_input("problems")
+    beside = [d / "problems" for d in ctx.input_dirs("chains") if shard_files(d / "problems")]
+    if not beside:
+        raise FileNotFoundError(f"step {ctx.step!r}: no problems (no ingest step, and the chains input "
+                                f"{[str(d) for d in ctx.input_dirs('chains')]} has no problems table)")
+    return pa.concat_tables([read_table(d) for d in beside], promote_options="default")
+
+
 def _attempted(ctx, problem_ids: list[str], chains: list[dict]) -> set[str]:
     """Problems this round tried: all of them in round 0, else the previous round's retry list.
 
@@ -311,8 +324,7 @@ def run(cfg: CurateConfig, ctx) -> Manifest:
     sys_prompt = system_prompt(cfg)
     chains = _read_chains(ctx)
     m.rows_in = len(chains)
-    problems_t = ctx.read_input("problems")
-    problems = {p["problem_id"]: p for p in problems_t.to_pylist()}
+    problems = {p["problem_id"]: p for p in _read_problems(ctx).to_pylist()}
     attempted = _attempted(ctx, list(problems), chains) & set(problems)
     rows, retry, filter_reasons = curate_rows(chains, problems, attempted, ctx.round, cfg, sys_prompt, m)
     with ctx.writer(SFT, "sft") as w:

@@ -13,6 +13,8 @@ filters/verify.py runs these inside its deadline worker, around the type-aware c
   expansion when that value rounds to it (`0.67` vs `2/3`, `1.41` vs `\\sqrt{2}`; not `0.13` vs `0.125`);
 - lists of ordered tuples compared as a multiset of tuples, with "(a,b) or (b,a)" alternatives: a
   prediction listing every ordering of the gold tuple, or one ordering of a gold that lists them all.
+- `plain_form`: full-width characters as ASCII, Unicode math (`½`, `²`, `√`, `×`) as LaTeX, and a whole
+  answer wrapped in `\\text{…}` around math or a number as its content.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from filters.extract import clean_answer
+from filters.extract import ascii_forms, clean_answer, find_boxed
 
 _WRAP_CMD = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{([^{}]*)\}")
 _SPACES = re.compile(r"\s+|\\[,;:! ]|\\q?quad|~")
@@ -287,3 +289,41 @@ def compare_tuple_lists(pred: str, gold: str, same: Callable[[str, str], bool]) 
     if left:
         return "wrong", f"{len(P)} elements, gold has {len(G)}"
     return "correct", ""
+
+
+# ------------------------------------------------------------------ other scripts and wrappers
+
+_TEXT_WRAP = re.compile(r"\\(?:text|textrm|mathrm|mbox|textbf)\s*\{(.*)\}", re.S)
+
+
+_VULGAR = {"½": (1, 2), "⅓": (1, 3), "⅔": (2, 3), "¼": (1, 4), "¾": (3, 4), "⅕": (1, 5), "⅖": (2, 5), "⅗": (3, 5),
+           "⅘": (4, 5), "⅙": (1, 6), "⅚": (5, 6), "⅐": (1, 7), "⅛": (1, 8), "⅜": (3, 8), "⅝": (5, 8), "⅞": (7, 8),
+           "⅑": (1, 9), "⅒": (1, 10)}
+_SUPER = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
+_UNICODE_OPS = {"×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "⋅": "\\cdot ", "∞": "\\infty ", "≤": "\\le ",
+                "≥": "\\ge ", "≠": "\\ne "}
+
+
+def _unicode_math(s: str) -> str:
+    """Unicode math as LaTeX: `½` -> `\\frac{1}{2}`, `2²` -> `2^{2}`, `√2` -> `\\sqrt{2}`, `×` -> `\\times`."""
+    if s.isascii():
+        return s
+    for ch, (a, b) in _VULGAR.items():
+        s = s.replace(ch, f"\\frac{{{a}}}{{{b}}}")
+    s = re.sub(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+", lambda m: "^{" + m.group(0).translate(_SUPER) + "}", s)
+    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[a-zA-Z]|\([^()]*\)|\{[^{}]*\})",
+               lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
+    for ch, tex in _UNICODE_OPS.items():
+        s = s.replace(ch, tex)
+    return s
+
+
+def plain_form(s: str) -> str:
+    """ASCII forms of full-width characters and Unicode math (`½`, `²`, `√`, `×`) as LaTeX; a whole
+    answer wrapped in `\\text{…}` around math or a number (`\\text{-\\dfrac{1}{4}}`, `\\text{45^\\circ}`,
+    `\\text{5 apples}`) is its content."""
+    s = _unicode_math(ascii_forms(s)).strip()
+    m = _TEXT_WRAP.fullmatch(s)
+    if m and find_boxed("\\boxed{" + m.group(1) + "}") == [m.group(1).strip()] and re.search(r"[\\^_\d]", m.group(1)):
+        s = m.group(1).strip()
+    return s

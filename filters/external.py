@@ -19,7 +19,17 @@ end-of-sequence tokens and "Sample 2"-style header lines, plus a format's openin
 its last sample only); `samples: last_complete` keeps the last sample with no evidence of truncation
 (a cut-off tail sample is never taken as clean; when every sample is cut, the last one is kept and the
 filter drops it as truncated).
-Bad rows (no question, no answer, no trace, unreadable images) are counted by reason, never fatal.
+Chat records are detected, not assumed: a trace column holding an OpenAI message (`{"role", "content"}`,
+content a string or a list of `{"type": "text", "text"}` parts) or a whole conversation (OpenAI
+`messages`, ShareGPT `conversations` with `from` / `value`) gives the last assistant turn as the trace,
+and its user turn as the question when the question column holds the same conversation or is absent.
+An OpenAI API response (`{"choices": [{"message": {…}, "finish_reason": …}]}`, or its `choices` list)
+gives one sample per choice, each with its own finish reason ("length" = cut off).
+Reasoning kept apart from the answer (`reasoning_content` / `reasoning` / `thinking` in the message, or
+a `reasoning` column) is joined as `<think>reasoning</think>answer`, so the chain reads as `think`;
+with reasoning and no answer text it is an unclosed think span (cut off).
+Bad rows (no question, no answer, no trace, unreadable images, a trace of a type that is none of these)
+are counted by reason, never fatal; the message names the file, row and column.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.extract import extract, split_chain, truncation
-from filters.formats import DEFAULT_SAMPLE_SEPARATOR, split_samples
+from filters.formats import DEFAULT_SAMPLE_SEPARATOR, THINK_CLOSE, THINK_OPEN, split_samples
 from pipeline.config import StageConfig
 from pipeline.rundir import stable_hash
 from pipeline.schema import CHAINS, PROBLEMS
@@ -48,7 +58,12 @@ class ChainColumns(StageConfig):
 
     question: str = "question"
     answer: str = "answer"
-    trace: str = Field("trace", description="the raw completion (reasoning and answer)")
+    trace: str = Field(
+        "trace", description="the raw completion (reasoning and answer), an OpenAI message or a chat (messages / conversations)"
+    )
+    reasoning: str | None = Field(
+        None, description="reasoning kept apart from the answer (e.g. reasoning_content): joined as <think>…</think>"
+    )
     id: str | None = Field("id", description="source row id, kept in the problem's source_ref")
     images: str | None = Field(None, description="image path(s) relative to the file, or bytes")
     choices: str | None = None
@@ -104,6 +119,7 @@ class LoadedChains:
     rows: int = 0  # source rows that became chains
     multi_sample_rows: int = 0
     samples_skipped: int = 0  # samples left out by samples=last_complete
+    invalid_utf8_rows: int = 0  # JSONL lines read with U+FFFD for bytes that are not UTF-8 (kept, counted)
 
 
 def source_stats(cfg: ChainsSourceConfig | None) -> Any:
@@ -114,17 +130,40 @@ def source_stats(cfg: ChainsSourceConfig | None) -> Any:
     return file_stat(cfg.path)
 
 
-def _rows(cfg: ChainsSourceConfig) -> Any:
+def _rows(cfg: ChainsSourceConfig, stats: dict) -> Any:
+    """(ref, row or ValueError) per source row. Parquet: the mapped columns must exist (a clear error
+    naming the key otherwise). JSONL: a line with bytes that are not UTF-8 is decoded with U+FFFD in their
+    place and counted in `stats["invalid_utf8_rows"]` (its ref in `stats["invalid_utf8_refs"]`)."""
     p = Path(cfg.path)
     if not p.exists():
         raise FileNotFoundError(f"filter.source.path: file not found: {p}")
     kind = cfg.kind if cfg.kind != "auto" else ("parquet" if p.suffix in (".parquet", ".pq") else "jsonl")
     if kind == "parquet":
-        for i, row in enumerate(pq.read_table(p).to_pylist()):
-            yield f"{p}:row{i}", row
+        try:
+            f = pq.ParquetFile(p)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"filter.source.path: {p} is not a readable Parquet file ({e})") from e
+        names = set(f.schema_arrow.names)
+        c = cfg.columns
+        for key in ("trace", "question", "answer"):
+            col = getattr(c, key)
+            if col not in names:
+                raise ValueError(f"filter.source.columns.{key}: column {col!r} is not in {p} "
+                                 f"(columns: {sorted(names)})")
+        i = 0
+        for batch in f.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"{p}:row{i}", row
+                i += 1
         return
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                stats["invalid_utf8_rows"] = stats.get("invalid_utf8_rows", 0) + 1
+                stats.setdefault("invalid_utf8_refs", []).append(f"{p}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -133,6 +172,89 @@ def _rows(cfg: ChainsSourceConfig) -> Any:
                 yield f"{p}:{lineno}", ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})")
                 continue
             yield f"{p}:{lineno}", row if isinstance(row, dict) else ValueError(f"{p}:{lineno}: not an object")
+
+
+_ASSISTANT = {"assistant", "gpt", "model", "bot", "chatgpt", "ai"}
+_USER = {"user", "human", "prompter"}
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking", "thought")
+
+
+class TraceError(ValueError):
+    pass
+
+
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of an OpenAI content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        texts = [p for p in parts if isinstance(p, str)]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def _turn(msg: dict) -> tuple[str | None, str | None, str | None]:
+    """(role, text, reasoning) of one chat message (OpenAI or ShareGPT keys)."""
+    role = msg.get("role", msg.get("from"))
+    text = _text(msg.get("content", msg.get("value", msg.get("text"))))
+    reasoning = next((msg[k] for k in _REASONING_KEYS if isinstance(msg.get(k), str) and msg[k].strip()), None)
+    return (role.lower() if isinstance(role, str) else None), text, reasoning
+
+
+def read_trace(value: Any, column: str) -> tuple[str | None, str | None, str | None]:
+    """(answer text, reasoning, question) of a trace column's value: a string, an OpenAI message or a
+    chat (list of messages). Raises TraceError naming what the value is when it is none of these."""
+    if isinstance(value, str) or value is None:
+        return value, None, None
+    if isinstance(value, dict):
+        _role, text, reasoning = _turn(value)
+        if text is None and reasoning is None:
+            raise TraceError(f"column {column!r} is an object without content/value/text: keys {sorted(value)[:6]}")
+        return text, reasoning, None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        turns = [_turn(m) for m in value]
+        idx = [i for i, (role, _t, _r) in enumerate(turns) if role in _ASSISTANT]
+        if not idx:
+            roles = sorted({str(r) for r, _t, _r in turns})
+            raise TraceError(f"column {column!r} is a chat with no assistant turn (roles {roles})")
+        last = idx[-1]
+        question = next((t for role, t, _r in reversed(turns[:last]) if role in _USER and t), None)
+        return turns[last][1], turns[last][2], question
+    raise TraceError(f"column {column!r} is a {type(value).__name__}, not a string, message or chat")
+
+
+def read_choices(value: Any) -> list[tuple[str | None, str | None, str | None]] | None:
+    """(text, reasoning, finish_reason) per choice of an OpenAI response (`{"choices": [{"message": …,
+    "finish_reason": …}]}`, a chat or a completions response, or the `choices` list itself); None when
+    the value is no such response."""
+    choices = value.get("choices") if isinstance(value, dict) else value
+    if not isinstance(choices, list) or not choices or not all(isinstance(ch, dict) for ch in choices):
+        return None
+    if not all("message" in ch or "delta" in ch or ("text" in ch and ("index" in ch or "finish_reason" in ch))
+               for ch in choices):
+        return None
+    out = []
+    for ch in choices:
+        msg = ch.get("message", ch.get("delta"))
+        if isinstance(msg, dict):
+            _role, text, reasoning = _turn(msg)
+        else:
+            text, reasoning = _text(ch.get("text")), None
+        finish = ch.get("finish_reason")
+        out.append((text, reasoning, finish if isinstance(finish, str) else None))
+    return out
+
+
+def join_reasoning(text: str | None, reasoning: str | None) -> str | None:
+    """`<think>reasoning</think>text` (the think format), or the text alone when there is no reasoning
+    or the text carries its own think span."""
+    if not reasoning or not reasoning.strip():
+        return text
+    text = text or ""
+    if THINK_CLOSE in text:
+        return text
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{text.strip()}" if text.strip() else f"{THINK_OPEN}\n{reasoning.strip()}"
 
 
 def _problem(row: dict, cfg: ChainsSourceConfig, ref: str) -> dict:
@@ -162,6 +284,15 @@ def _samples(trace: str, cfg: ChainsSourceConfig) -> tuple[list[tuple[int, str]]
     return [(len(pieces) - 1, pieces[-1])], len(pieces) - 1
 
 
+def _choice_samples(texts: list[str], finishes: list[str | None], cfg: ChainsSourceConfig) -> tuple[list, int]:
+    """((index, text, finish_reason) to keep, samples left out) of an API response's choices."""
+    every = [(i, t, f) for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
+    if len(every) == 1 or cfg.samples == "each":
+        return every, 0
+    complete = [x for x in every if x[2] != "length" and _complete(x[1])]
+    return [complete[-1] if complete else every[-1]], len(every) - 1
+
+
 def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
     """Chains and the problems they imply from an external file; bad rows are counted by reason."""
     from pipeline.ingest import RowError
@@ -173,34 +304,62 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
 
     def bad(reason: str, ref: str, msg: str) -> None:
         quarantined[reason] = quarantined.get(reason, 0) + 1
-        bad_refs.append(f"{ref}: {msg}")
+        bad_refs.append(msg if msg.startswith(f"{ref}:") else f"{ref}: {msg}")
         log.warning("external chains: %s (%s)", msg, reason)
 
     c = cfg.columns
-    for n, (ref, row) in enumerate(_rows(cfg)):
+    stats: dict = {}
+    absent = 0  # rows without the trace column at all: every row so = a wrong column name, not bad rows
+    for n, (ref, row) in enumerate(_rows(cfg, stats)):
         if cfg.limit and n >= cfg.limit:
             break
         if isinstance(row, ValueError):
             bad("bad_row", ref, str(row))
             continue
-        trace = row.get(c.trace)
+        absent += c.trace not in row
+        choices = read_choices(row.get(c.trace))
+        chat_question = None
+        try:
+            if choices is None:
+                trace, reasoning, chat_question = read_trace(row.get(c.trace), c.trace)
+                if c.reasoning:
+                    extra, _r, _q = read_trace(row.get(c.reasoning), c.reasoning)
+                    reasoning = reasoning or extra
+        except TraceError as e:
+            bad("bad_trace", ref, str(e))
+            continue
+        if choices is not None:  # an API response: every choice is a sample with its own finish reason
+            texts = [join_reasoning(t, r) for t, r, _f in choices]
+            texts = [t for t in texts if isinstance(t, str) and t.strip()]
+            trace = "\n".join(texts)
+        else:
+            trace = join_reasoning(trace, reasoning)
         if not isinstance(trace, str) or not trace.strip():
             bad("missing_trace", ref, f"no trace in column {c.trace!r}")
             continue
+        if chat_question and not isinstance(row.get(c.question), str):
+            row = {**row, c.question: chat_question}  # ShareGPT: the question lives in the conversation
         try:
             prob = _problem(row, cfg, ref)
         except RowError as e:
             bad(e.reason, ref, e.error)
             continue
         problems.setdefault(prob["problem_id"], prob)
-        kept, skipped = _samples(trace, cfg)
+        tokens = row.get(c.completion_tokens) if c.completion_tokens else None
+        finish = row.get(c.finish_reason) if c.finish_reason else None
+        if choices is not None:
+            finishes = [f or finish for t, r, f in choices if (join_reasoning(t, r) or "").strip()]
+            kept, skipped = _choice_samples(texts, finishes, cfg)
+        else:
+            kept, skipped = _samples(trace, cfg)
+            n = len(kept) + skipped
+            # the row's generation facts describe its last sample (the one the budget cut)
+            kept = [(i, t, finish if i == n - 1 else ("stop" if finish == "length" else finish)) for i, t in kept]
         n_pieces = len(kept) + skipped
         loaded.multi_sample_rows += n_pieces > 1
         loaded.samples_skipped += skipped
-        tokens = row.get(c.completion_tokens) if c.completion_tokens else None
-        finish = row.get(c.finish_reason) if c.finish_reason else None
         added = 0
-        for idx, completion in kept:
+        for idx, completion, finish_i in kept:
             last = idx == n_pieces - 1
             chain_id = stable_hash("external", prob["problem_id"], trace, *([idx] if n_pieces > 1 else []))
             if chain_id in seen:
@@ -219,8 +378,7 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
                     "completion": completion if n_pieces == 1 else completion.strip(),
                     "reasoning": split.reasoning,
                     "response": split.response,
-                    # the row's generation facts describe its last sample (the one the budget cut)
-                    "finish_reason": finish if last else ("stop" if finish == "length" else finish),
+                    "finish_reason": finish_i,
                     "completion_tokens": int(tokens) if isinstance(tokens, (int, float)) and n_pieces == 1 else None,
                     "sampling": {"max_tokens": cfg.max_tokens} if cfg.max_tokens and last else None,
                     "simulated": False,
@@ -230,6 +388,13 @@ def load_chains(cfg: ChainsSourceConfig) -> LoadedChains:
         loaded.rows += added > 0
     if not chains and not quarantined:
         raise ValueError(f"filter.source.path: {cfg.path} holds no rows")
+    n_rows = sum(quarantined.values()) + loaded.rows
+    if not chains and absent and absent == n_rows:
+        raise ValueError(f"filter.source.columns.trace: no row of {cfg.path} has a column {c.trace!r}")
+    loaded.invalid_utf8_rows = stats.get("invalid_utf8_rows", 0)
+    if loaded.invalid_utf8_rows:
+        log.warning("external chains: %d lines of %s are not valid UTF-8 (read with U+FFFD): %s",
+                    loaded.invalid_utf8_rows, cfg.path, ", ".join(stats["invalid_utf8_refs"][:5]))
     log.info("external chains: %d chains of %d problems from %s", len(chains), len(problems), cfg.path)
     loaded.chains = pa.Table.from_pylist(chains, schema=CHAINS)
     loaded.problems = pa.Table.from_pylist(list(problems.values()), schema=PROBLEMS)

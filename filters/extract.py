@@ -3,14 +3,22 @@
 Candidates in order of strength (the first kind that yields a usable answer wins):
 
 1. `boxed`: the last `\\boxed{…}` / `\\fbox{…}`; several boxes close together at the end (`\\boxed{3},
-   \\boxed{4}`) are one answer, joined as a list (`boxed_list`);
-2. `answer_tag`: the teacher's own answer markers: `<answer>…</answer>`, a line starting `Answer:`, `#### 12`;
+   \\boxed{4}`) are one answer, joined as a list (`boxed_list`); an explicit marker of rule 2 or 3 after
+   the last box ("… \\boxed{7}. Checking again … Final answer: 8") restates the answer and wins;
+2. `answer_tag`: the teacher's own answer markers: `<answer>…</answer>`, a line starting `Answer:` (or
+   `答案：`), `#### 12`, a trailing JSON object's `"answer"` (`{"answer": "12"}`, fenced or not);
 3. `final_answer`: a "Final Answer" heading (the lines under it) or "final answer: …" / "final answer is …";
-4. `answer_is`: "the answer is …";
+4. `answer_is`: "the answer is …" (or `答案是` / `答案为` / `故选`);
 5. `display_formula`: a display formula (`$$…$$`, `\\[…\\]`) that ends the text;
 6. `last_sentence`: the last sentence, when it reads "… is / are / = / equals X";
 7. `choice_letter`: for multiple choice, a lone option letter on the last line.
 
+For multiple choice with the option texts known, an option's text quoted in the last line
+(`option_text`: "The correct option is either $R$ or $S$, but no others.") is taken after the explicit
+markers (1-4) and before the prose rules (5-6), when exactly one option's text is there.
+
+Full-width characters (`１２`, `：`) and the Unicode minus are read as their ASCII forms; a marker's last
+occurrence wins even when an earlier one runs on into it ("final answer is:\n\nFinal answer: 5").
 Words that judge rather than answer (correct, incorrect, yes, true, consistent, …) are never taken from
 prose unless the gold answer is such a word. The trace formats and their splitting live in
 filters/formats.py (re-exported here). Everything here is linear-time string scanning, so it runs in the
@@ -151,11 +159,25 @@ _FILLER = re.compile(r"\b(?:indeed|actually|also|thus|therefore|so|then|still|de
                      r"indeed|fully|all|now|exactly|approximately|about|roughly|the|a|an|not)\b", re.I)
 # a boxed group: boxes whose gaps hold only separators ("and", commas, spacing, math delimiters)
 _BOX_GAP = re.compile(r"(?:\s|,|;|[a-zA-Z](?:_\{?\w+\}?)?\s*=|\$|\\[(),;!\[\]]|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|&|\\\\)*", re.I)
-_ANSWER_LINE = re.compile(r"(?im)^[ \t>*#]*(?:\*\*)?answer(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*([^\n]+)$")
+_ANSWER_LINE = re.compile(r"(?im)^[ \t>*#]*(?:\*\*)?(?:answer|(?:最终)?答案)(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*([^\n]+)$")
+# a JSON object's answer field: {"answer": "12"}, {"final_answer": 12}, {"answer": ["1", "2"]}
+_JSON_ANSWER = re.compile(
+    r'"(?:final[_ ]?answer|answer)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\[[^\[\]]*\])', re.I
+)
+# full-width forms (U+FF01-FF5E), the ideographic space, comma and full stop, the Unicode minus: one ASCII character each
+_WIDE = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20, 0x3001: 0x2C, 0x3002: 0x2E, 0x2212: 0x2D}
+
+
+def ascii_forms(s: str) -> str:
+    """`s` with full-width characters and the Unicode minus as ASCII (the same length: offsets hold)."""
+    return s.translate(_WIDE)
 _HASHES = re.compile(r"(?m)^\s*####\s*([^\n]+)$")
 _HEADING = re.compile(r"(?im)^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*final[ \t]+answer[ \t]*[:：]?[ \t]*(?:\*\*|__)?[ \t]*[:：]?[ \t]*$")
 _FINAL_INLINE = re.compile(r"final\s+answer\s*(?:\*\*)?\s*(?:is\b|[:：=])?\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
-_ANSWER_IS = re.compile(r"\banswer\s*(?:\*\*)?\s*(?:is\b|[:：=])\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})", re.I)
+_ANSWER_IS = re.compile(
+    r"(?:\banswer\s*(?:\*\*)?\s*(?:is\b|[:：=])|答案(?:是|为|應為|应为)|(?:故|所以|因此|应|應)选)\s*(?:\*\*)?\s*:?\s*([^\n]{1,400})",
+    re.I,
+)
 _DISPLAY = re.compile(r"(\$\$(.+?)\$\$|\\\[(.+?)\\\])", re.S)
 _COPULA = re.compile(r"\s(?:is|are|was|were|equals|equal\s+to|becomes|gives|yields)\s+|\s*(?<![<>!\\])=(?!=)\s*|\\approx|≈")
 # sentence ends: ". " / "! " / "? " / newline, never the point of a decimal ("6.17") or an abbreviation ("e.g.")
@@ -186,11 +208,19 @@ def _gold_is_word(gold: str | None) -> bool:
     return bool(gold) and is_verdict_word(gold)
 
 
+_DANGLING = re.compile(r"[A-Za-z,]\s+(?:of|the|a|an|is|are|was|be|to|and|or|in|for|with|by|from|as|that)\s*$", re.I)
+_CLAUSE = re.compile(r"(?:in|of|to|that|given|expressed|written|asked|required|needed|as follows)\b", re.I)
+
+
 def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
     """A candidate from prose is an answer unless it judges ("correct") or is a clause, not a value
     ("let me think about it again"): six words or more, no digit, no math, where the gold is short."""
     if not ans or (not gold_word and is_verdict_word(ans)):
         return False
+    if _CLAUSE.match(ans) and not (gold and _CLAUSE.match(gold.strip())):
+        return False
+    if _DANGLING.search(ans) and not (gold and _DANGLING.search(gold)):
+        return False  # "**Answer:** The number of" (cut off): a sentence that never reached its value  # "the answer is in the form \frac{m}{n}": a description, not the answer
     words = len(_words_only(ans).split())
     long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
     return long_gold or words < 6 or bool(re.search(r"[\d\\^=]", ans))
@@ -231,6 +261,14 @@ def _last_match(rx: re.Pattern, text: str) -> re.Match | None:
     return last
 
 
+def _last_start(rx: re.Pattern, text: str) -> re.Match | None:
+    """The match that starts last, also where an earlier match runs on over it ("answer is:\nAnswer: 5")."""
+    last, m = None, rx.search(text)
+    while m is not None:
+        last, m = m, rx.search(text, m.start() + 1)
+    return last
+
+
 def _phrase(m: re.Match, offset: int, source: str) -> Extraction:
     """The answer of a marker match, its span ending where the answer ends (not at the end of the line)."""
     ans = _trim_phrase(m.group(1))
@@ -249,7 +287,41 @@ def _tagged(text: str, offset: int) -> Extraction | None:
         m = _last_match(rx, text)
         if m:
             return _phrase(m, offset, "answer_tag")
-    return None
+    return _json_answer(text, offset)
+
+
+def _json_answer(text: str, offset: int) -> Extraction | None:
+    """The answer field of the last JSON object in the text (`{"answer": …}`), when the object ends it."""
+    import json
+
+    m = _last_match(_JSON_ANSWER, text)
+    if m is None:
+        return None
+    end = m.end()
+    # the object around the field ({"answer": 5, "explanation": "…"}) must end the text, not the field
+    dec, p = json.JSONDecoder(), m.start()
+    for _ in range(8):
+        p = text.rfind("{", 0, p)
+        if p < 0:
+            break
+        try:
+            obj, obj_end = dec.raw_decode(text, p)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj_end >= m.end():
+            end = obj_end
+            break
+    if words_after(text, end) > 3:
+        return None
+    try:
+        value = json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    ans = clean_answer(str(value))
+    boxed = find_boxed(ans)
+    return Extraction(clean_answer(boxed[-1]) if boxed else ans, "answer_tag", offset + end) if ans else None
 
 
 def _heading(text: str, offset: int) -> Extraction | None:
@@ -261,14 +333,14 @@ def _heading(text: str, offset: int) -> Extraction | None:
         if block:
             ans = clean_answer(boxed[-1] if boxed else block)
             return Extraction(ans, "final_answer", offset + m.end() + text[m.end() :].find(block) + len(block))
-    m = _last_match(_FINAL_INLINE, text)
+    m = _last_start(_FINAL_INLINE, text)
     if m:
         return _phrase(m, offset, "final_answer")
     return None
 
 
 def _answer_is(text: str, offset: int) -> Extraction | None:
-    m = _last_match(_ANSWER_IS, text)
+    m = _last_start(_ANSWER_IS, text)
     return _phrase(m, offset, "answer_is") if m else None
 
 
@@ -330,17 +402,48 @@ def _last_sentence(text: str, offset: int) -> Extraction | None:
     return Extraction(ans, "last_sentence", offset + len(t))
 
 
-def extract(response: str, answer_type: str | None = None, gold: str | None = None) -> Extraction | None:
+def _squashed(s: str) -> str:
+    return re.sub(r"\s+|\$|\\[,;!]", "", s).replace("\\dfrac", "\\frac").lower()
+
+
+def _option_text(tail: str, choices: list[str] | None) -> Extraction | None:
+    """The one option whose text the last line quotes (options of a few characters or less, such as
+    bare letters or numbers, are never matched inside prose)."""
+    if not choices:
+        return None
+    lines = tail.rstrip().splitlines()
+    last = _squashed(lines[-1][-600:] if lines else "")
+    texts = [_squashed(str(c)) for c in choices]
+    hits = [i for i, c in enumerate(texts) if len(c) >= 4 and c in last]
+    # an option that is part of a longer quoted one ("only $R$" in "either $R$ or $S$") does not count
+    hits = [i for i in hits if not any(j != i and texts[i] in texts[j] for j in hits)]
+    return Extraction(str(choices[hits[0]]), "option_text", len(tail)) if len(hits) == 1 else None
+
+
+def extract(response: str, answer_type: str | None = None, gold: str | None = None,
+            choices: list[str] | None = None) -> Extraction | None:
     """The final answer of a response part (see the module docstring), or None."""
     if not response:
         return None
+    response = ascii_forms(response)
     gold_word = _gold_is_word(gold)
     found = _boxed(response)
     if found:
-        return found  # the teacher boxed it: that is its answer, whatever it says
+        # the teacher boxed it: that is its answer, unless an explicit answer marker after the box
+        # restates it otherwise ("Tentatively \\boxed{7}. … Final answer: 8")
+        rest = response[found.end :]
+        if len(rest) < _TAIL_CHARS and re.search(r"answer|答案|####", rest, re.I):
+            later = _tagged(rest, found.end) or _heading(rest, found.end)
+            if later is not None and _usable(later.answer, gold_word, gold):
+                return later
+        return found
     offset = max(0, len(response) - _TAIL_CHARS)
     tail = response[offset:]
     for rule in (_tagged, _heading, _answer_is, _display, _last_sentence):
+        if rule is _display and answer_type == "choice":
+            found = _option_text(tail, choices)
+            if found is not None:
+                return Extraction(found.answer, found.source, offset + found.end)
         found = rule(tail, offset)
         if found is not None and _usable(found.answer, gold_word, gold):
             return found
@@ -369,6 +472,6 @@ def truncation(split: Split, found: Extraction | None) -> str | None:
     cut = ends_cut(split.response)
     if cut is None:
         return None
-    if found is not None and words_after(split.response, found.end) < 4:
-        return None
+    if found is not None and (words_after(split.response, found.end) < 4 or cut == "ends mid-reasoning"):
+        return None  # an answer was given: a closing check ("Let me verify: 3*4 = 12.") is no cut
     return f"solution block cut off ({cut})" if split.solution_open else cut

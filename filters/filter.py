@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 TABLES = ("chains", "problems")
 ROWS_FROM = "chains"  # rows_in = the rows of the chains input (pipeline.runner records how they chain)
-LOGIC_VERSION = 2  # 2: trace formats, extraction cascade, equivalence classes. Bump with any change of verify / extract / redundancy that changes verdicts or keep
+LOGIC_VERSION = 3  # 2: trace formats, extraction cascade, equivalence classes. 3: other teams' answer styles, markers and chat records. Bump with any change of verify / extract / redundancy that changes verdicts or keep
 
 FILTERED = extend(
     CHAINS,
@@ -158,7 +158,7 @@ def score_batch(rows: list[dict], cfg: FilterConfig, pool: Any, scorer: Scorer |
     for i, row in enumerate(rows):
         split = _split(row, cfg.starts_in_think)
         atype = row.get("_answer_type")
-        found = extract(split.response, atype, row.get("_gold"))
+        found = extract(split.response, atype, row.get("_gold"), row.get("_choices"))
         errored = row.get("finish_reason") == "error" or bool(row.get("error"))
         cut = _generation_cut(row) or truncation(split, found)
         text = f"{split.reasoning}\n{split.response}" if split.reasoning else split.response
@@ -251,7 +251,8 @@ def _problem_columns(chains: pa.Table, problems: dict[str, dict]) -> pa.Table:
 def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[str, dict]]:
     """(chains, {problem_id: problem}) from the generate step, or from `cfg.source` when there is none."""
     problems: dict[str, dict] = {}
-    prob_dirs = [d for d in ctx.input_dirs("problems") if shard_files(d)]
+    # a run of external chains alone (filter.source, no ingest step) has no problems input
+    prob_dirs = [d for d in ctx.inputs.get("problems", []) if shard_files(d)]
     if prob_dirs:
         for p in ctx.read_input("problems").to_pylist():
             problems[p["problem_id"]] = p
@@ -280,6 +281,8 @@ def _load_inputs(cfg: FilterConfig, ctx, m: Manifest) -> tuple[pa.Table, dict[st
     m.metrics["external_source"] = cfg.source.path
     m.metrics["external_problems"] = loaded.problems.num_rows
     m.metrics["external_rows"] = loaded.rows
+    if loaded.invalid_utf8_rows:
+        m.metrics["invalid_utf8_rows"] = loaded.invalid_utf8_rows  # kept, with U+FFFD for the bad bytes
     if loaded.multi_sample_rows:
         m.metrics["multi_sample_rows"] = loaded.multi_sample_rows
         m.metrics["samples_skipped"] = loaded.samples_skipped  # samples=last_complete: not chains, not rows

@@ -9,9 +9,14 @@ Formats (the `trace_format` column):
   <|end_of_solution|>`; any one of the four markers is enough to detect it.
 - `plain`: no markers at all: a worked solution, or reasoning whose markers were stripped.
 
+Other teams' spellings of a think span are read as `think` (`THINK_ALIASES`: `<thinking>`, `<thought>`,
+`<reasoning>`, `<reason>`, `<seed:think>`, Kimi's `◁think▷ … ◁/think▷`, any case), so their reasoning
+is split off (curate needs it) and an unclosed one is evidence of truncation like an unclosed `<think>`.
+
 A chain is called truncated only on evidence (`truncation`): a think / thought span the text opened and
 never closed (the answer part never began); or a text (the response, an open solution block, a plain
-trace) that stops mid-sentence or mid-formula with no final-answer region at its end. A solution block
+trace) that stops mid-sentence or mid-formula, or on a sentence announcing more work ("Wait, …",
+"Let me simplify this.", "Maybe I should consider …"), with no final-answer region at its end. A solution block
 without its end marker whose text is complete is not truncated: teachers drop that marker. The
 generation-side evidence (finish_reason "length", token count at the budget) is checked by the filter.
 """
@@ -36,6 +41,23 @@ DEFAULT_SAMPLE_SEPARATOR = (
 )
 
 
+# think spans as other models and teams write them: (open, close) patterns, case-insensitive
+THINK_ALIASES = re.compile(
+    r"<\s*(/?)\s*(?:think|thinking|thought|reasoning|reason|seed:think)\s*>|◁(/?)think▷", re.IGNORECASE
+)
+
+
+def canonical_think(text: str) -> str:
+    """`text` with other spellings of a think span written as `<think>` / `</think>` (see THINK_ALIASES).
+
+    Texts that already carry `<think>` / `</think>` or Sky-T1 markers are returned as they are."""
+    if THINK_OPEN in text or THINK_CLOSE in text or any(m in text for m in SKY_MARKERS):
+        return text
+    if "<" not in text and "◁" not in text:
+        return text
+    return THINK_ALIASES.sub(lambda m: THINK_CLOSE if (m.group(1) or m.group(2)) else THINK_OPEN, text)
+
+
 @dataclass(frozen=True)
 class Split:
     """A chain's parts. `closed` is False when the text opened a span (think / thought) it never closed;
@@ -50,7 +72,7 @@ class Split:
 
 def detect_format(text: str | None) -> str:
     """`think`, `sky` or `plain`, from the markers the text carries."""
-    text = text or ""
+    text = canonical_think(text or "")
     if any(m in text for m in SKY_MARKERS):
         return "sky"
     if THINK_OPEN in text or THINK_CLOSE in text:
@@ -64,7 +86,7 @@ def split_chain(text: str | None, starts_in_think: bool = False) -> Split:
     `starts_in_think` is engine knowledge (the chat template opened `<think>` in the prompt): a text
     without any marker is then an open think span. Traces of unknown origin are split with it False.
     """
-    text = text or ""
+    text = canonical_think(text or "")
     fmt = detect_format(text)
     if fmt == "sky":
         return _split_sky(text)
@@ -131,6 +153,26 @@ def _unbalanced_math(tail: str) -> bool:
     return depth > 0
 
 
+# a last sentence that announces more work is no ending: "Wait, that might not be right.", "Let me simplify
+# this step by step.", "Maybe I should consider the days." (never "Let me know if …", a sign-off)
+_PLAN = re.compile(
+    r"(?:(?:so|but|okay|ok|now|hmm+|alright|well),?\s+)*"
+    r"(?:wait|hmm+|let me(?!\s+know)|let's|maybe i|perhaps i|alternatively|i (?:need|should|will|must) (?:to )?"
+    r"(?:check|verify|compute|calculate|find|consider|think|figure|simplify|re-?examine|reconsider|make sure)|"
+    r"now,? (?:i|we) (?:need|have|should|will|can)|next,? (?:i|we))\b",
+    re.I,
+)
+
+
+def ends_in_plan(text: str) -> bool:
+    """True when the text's last sentence announces more work ("Wait, …", "Let me …", "Maybe I should …")."""
+    t = text.rstrip()[-400:]
+    parts = re.split(r"(?<=[.!?])\s+|\n+", t)
+    last = next((p for p in reversed(parts) if p.strip()), "")
+    # a sentence that does the work it announces ("Let me verify: 5*3 = 15, …") is no plan
+    return bool(_PLAN.match(last.strip().lstrip("*#>- "))) and "=" not in last
+
+
 def ends_cut(text: str) -> str | None:
     """Why `text` looks cut off mid-way ("ends mid-formula" / "ends mid-sentence"), or None.
 
@@ -148,7 +190,7 @@ def ends_cut(text: str) -> str | None:
     if re.search(r"[=+\-*/^_,:;(]\s*$", t):
         return "ends mid-sentence"  # a trailing operator, comma or colon ("x = 3 +", "for k=3,")
     if _CLEAN_END.search(t):
-        return None
+        return "ends mid-reasoning" if ends_in_plan(t) else None
     return "ends mid-sentence"
 
 

@@ -127,7 +127,10 @@ _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad|~")
 def _strip_number(s: str, other: str = "") -> tuple[str, bool]:
     """A number answer without currency, units and spacing; and whether it carried a percent sign."""
     s = clean_answer(s)
-    s = s.replace("{,}", "").replace("\\left", "").replace("\\right", "")
+    # "1{,}000" groups thousands; "3{,}5" is a decimal comma
+    s = re.sub(r"(?<=\d)\{,\}(?=\d{3}(?!\d))", "", s)
+    s = re.sub(r"(?<=\d)\{,\}(?=\d)", ".", s).replace("{,}", "")
+    s = s.replace("\\left", "").replace("\\right", "")
     pct = bool(_PERCENT.search(s))
     s = _PERCENT.sub("", s)
     s = _CURRENCY.sub("", s)
@@ -477,7 +480,7 @@ def check_answer(
         if not used:
             return "no_answer", "nothing extractable", None
         return (*check_answer(used, gold, answer_type, choices, opts), used)
-    pred, gold = str(pred), str(gold or "")
+    pred, gold = eqv.plain_form(str(pred)), eqv.plain_form(str(gold or ""))
     if eqv.identical(pred, gold):
         return "correct", "identical"
     clock = eqv.clock_time(gold)
@@ -582,7 +585,8 @@ def verify_response(response: str, problem: dict, cfg: VerifyConfig | None = Non
     """
     cfg = cfg or VerifyConfig()
     split = split_chain(response, cfg.starts_in_think)
-    found = extract(split.response, problem.get("answer_type"), str(problem.get("answer") or ""))
+    found = extract(split.response, problem.get("answer_type"), str(problem.get("answer") or ""),
+                    list(problem.get("choices") or []) or None)
     cut = truncation(split, found)
     if cut:
         return VerifyResult(None, "truncated", cut)

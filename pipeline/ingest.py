@@ -41,7 +41,7 @@ from pipeline.schema import PROBLEMS, QUARANTINE
 log = logging.getLogger(__name__)
 TABLES = ("problems", "quarantine")
 # Bumped whenever a code change changes the rows ingest writes (2: multiple-choice ids include the options).
-LOGIC_VERSION = 2
+LOGIC_VERSION = 3  # 3: bytes golds read as text, object golds quarantined (bad_answer), one-line option lists, golds naming an option ("C. 18", "Option C")
 
 # Row groups of image tables: small enough that compressing one overlaps reading the next (and that a
 # reader fetching one problem decodes little), large enough that text-only sources get big groups.
@@ -157,7 +157,12 @@ def preflight(cfg: IngestConfig) -> list[str]:
 _BOXED = re.compile(r"^\\boxed\{(.*)\}$", re.S)
 _LETTER = re.compile(r"^\(?([A-Ha-h])\)?[.:]?$")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$", re.I)
-_OPTION_PREFIX = re.compile(r"^\(?([A-H])[).:]\s*")
+_OPTION_PREFIX = re.compile(r"^\(?([A-H])[).:．：、]\s*")
+# options written on one line: "(A) 12 (B) 15 (C) 18", "A) 12; B) 15", "A. 12  B. 15"
+_INLINE_OPTION = re.compile(r"(?:^|(?<=[\s;,]))\(?([A-H])[).:．：]\s+")
+# a gold naming an option: "C. 18 cm", "(C) 18", "C: 18", "Option C", "choice (C)"
+_LETTER_WITH_TEXT = re.compile(r"^\(?([A-Ha-h])\)?\s*[.:：．)]\s*(.+)$", re.S)
+_OPTION_WORD = re.compile(r"^(?:option|choice|answer)\s*[:：]?\s*\(?([A-Ha-h])\)?\.?$", re.I)
 
 
 def normalise_answer(raw: Any) -> str | None:
@@ -186,8 +191,21 @@ def normalise_choices(raw: Any) -> list[str] | None:
             raw = [x for x in re.split(r"\n+", raw) if x.strip()]
     if isinstance(raw, dict):
         raw = [raw[k] for k in sorted(raw)]
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        raw = _inline_options(raw[0]) or raw
     out = [_OPTION_PREFIX.sub("", str(c).strip()) for c in raw]
     return out or None
+
+
+def _inline_options(s: str) -> list[str] | None:
+    """The options of a one-line list ("(A) 12 (B) 15 (C) 18"), when its markers run A, B, C, … in order."""
+    s = s.strip()
+    marks = list(_INLINE_OPTION.finditer(s))
+    if len(marks) < 2 or marks[0].start() != 0 or [m.group(1) for m in marks] != [chr(65 + i) for i in range(len(marks))]:
+        return None
+    ends = [m.start() for m in marks[1:]] + [len(s)]
+    out = [s[m.end() : e].strip(" ;,") for m, e in zip(marks, ends, strict=True)]
+    return out if all(out) else None
 
 
 def infer_answer_type(answer: str, choices: list[str] | None) -> str:
@@ -213,7 +231,16 @@ def _choice_fields(answer: str, choices: list[str] | None, answer_text: str | No
     """(answer, answer_text): a letter gold keeps its option text; an option-text gold becomes its letter."""
     if not choices:
         return answer, answer_text
-    m = _LETTER.match(answer)
+    m = _LETTER.match(answer) or _OPTION_WORD.match(answer)
+    if m is None:
+        # "C. 18 cm": the letter, when the text after it is that option's (or no option's at all)
+        lt = _LETTER_WITH_TEXT.match(answer)
+        if lt:
+            idx = ord(lt.group(1).upper()) - ord("A")
+            rest = lt.group(2).strip().rstrip(".").lower()
+            texts = [c.strip().rstrip(".").lower() for c in choices]
+            if idx < len(choices) and (texts[idx] == rest or rest not in texts):
+                m = lt
     if m:
         idx = ord(m.group(1).upper()) - ord("A")
         text = answer_text or (choices[idx] if idx < len(choices) else None)
@@ -346,7 +373,12 @@ def to_problem(row: dict, src: SourceConfig, ref: str, base: Path | None, check:
     question = _get(row, c.question)
     if not isinstance(question, str) or not question.strip():
         raise RowError("missing_question", f"{ref}: no question in column {c.question!r}")
-    answer = normalise_answer(_get(row, c.answer))
+    raw_answer = _get(row, c.answer)
+    if isinstance(raw_answer, (bytes, bytearray)):
+        raw_answer = bytes(raw_answer).decode("utf-8", errors="replace")
+    elif isinstance(raw_answer, dict) or (isinstance(raw_answer, (list, tuple)) and any(isinstance(x, (dict, list)) for x in raw_answer)):
+        raise RowError("bad_answer", f"{ref}: column {c.answer!r} holds a {type(raw_answer).__name__} with objects in it, not an answer")
+    answer = normalise_answer(raw_answer)
     if answer is None:
         raise RowError("missing_answer", f"{ref}: no answer in column {c.answer!r}")
     choices = normalise_choices(_get(row, c.choices))

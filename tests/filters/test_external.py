@@ -123,3 +123,66 @@ def test_validate_names_a_missing_source(tmp_path):
         f"filter.source.path: file not found: {tmp_path / 'nope.jsonl'}"
     ]
     assert preflight(FilterConfig()) == []
+
+
+def test_chat_records_alone_filter_and_curate(tmp_path):
+    """A file of chat records (OpenAI with reasoning_content, ShareGPT with <thought>, a Kimi-style
+    string) and no ingest step: `r1v run` filters and curates them; the SFT turns carry the reasoning."""
+    import yaml
+
+    from pipeline.cli import main
+
+    rows = [
+        {"id": 1, "gold": "5", "chat": [{"role": "system", "content": "Think."}, {"role": "user", "content": "2+3?"},
+                                        {"role": "assistant", "content": "So \\boxed{5}.", "reasoning_content": "2+3 is 5"}]},
+        {"id": 2, "gold": "7", "chat": [{"from": "human", "value": "3+4?"},
+                                        {"from": "gpt", "value": "<thought>3+4 is 7</thought>Answer: 7"}]},
+        {"id": 3, "q": "4+4?", "gold": "8", "chat": "◁think▷4+4 is 9◁/think▷The answer is $9$."},
+        {"id": 4, "gold": "1", "chat": [{"role": "user", "content": "1?"}]},  # no assistant turn: counted
+    ]
+    path = _jsonl(tmp_path / "chats.jsonl", rows)
+    cfg = {"run": {"name": "chats", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2},
+           "filter": {"workers": 0, "source": {"path": str(path),
+                                               "columns": {"question": "q", "answer": "gold", "trace": "chat", "id": "id"}}},
+           "curate": {"n_per_problem": 2}}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(cfg_path)]) == 0
+    run_dir = tmp_path / "runs" / "chats"
+    m = Manifest.load(run_dir / "filter")
+    assert (m.rows_in, m.kept, m.dropped, m.quarantined) == (4, 2, {"wrong": 1}, {"bad_trace": 1})
+    assert m.metrics["trace_formats"] == {"think": 3}
+    sft = read_table(run_dir / "curate").to_pylist()
+    turns = sorted(s["messages"][-1]["content"] for s in sft)
+    assert turns == ["<think>\n2+3 is 5\n</think>\n\nSo \\boxed{5}.", "<think>\n3+4 is 7\n</think>\n\nAnswer: 7"]
+    questions = sorted(s["messages"][-2]["content"] for s in sft)
+    assert [q.split()[-1] for q in questions] == ["2+3?", "3+4?"]
+
+
+def test_api_responses_give_one_sample_per_choice(tmp_path):
+    """OpenAI chat / completions responses: every choice a sample with its own finish reason; a choice cut
+    at the length limit is truncated whatever its text, and samples=last_complete never takes it."""
+    from filters.deadline import DeadlinePool
+    from filters.filter import FilterConfig, _problem_columns, score_batch
+    from filters.verify import check_answer
+
+    resp = {"choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "So \\boxed{5}.",
+                                                          "reasoning_content": "2+3=5"}},
+        {"index": 1, "finish_reason": "length", "message": {"role": "assistant", "content": "",
+                                                            "reasoning_content": "2+3 is, hmm, 5? Let me"}},
+        {"index": 2, "finish_reason": "length", "message": {"role": "assistant", "content": "It is \\boxed{5}."}},
+    ]}
+    rows = [{"q": "2+3?", "gold": "5", "resp": resp},
+            {"q": "2+4?", "gold": "6", "resp": {"choices": [{"index": 0, "text": "</think>So 6.", "finish_reason": "stop"}]}}]
+    path = _jsonl(tmp_path / "api.jsonl", rows)
+    cols = {"question": "q", "answer": "gold", "trace": "resp", "id": None}
+    loaded = load_chains(ChainsSourceConfig(path=str(path), columns=cols))
+    chains = loaded.chains.to_pylist()
+    assert [(c["sample_idx"], c["finish_reason"]) for c in chains] == [(0, "stop"), (1, "length"), (2, "length"), (0, "stop")]
+    problems = {p["problem_id"]: p for p in loaded.problems.to_pylist()}
+    with DeadlinePool(check_answer, timeout_s=5) as pool:
+        out = score_batch(_problem_columns(loaded.chains, problems).to_pylist(), FilterConfig(workers=0), pool)
+    assert [r["verdict"] for r in out] == ["correct", "truncated", "truncated", "correct"]
+    last = load_chains(ChainsSourceConfig(path=str(path), columns=cols, samples="last_complete")).chains.to_pylist()
+    assert [(c["sample_idx"], c["finish_reason"]) for c in last] == [(0, "stop"), (0, "stop")]

@@ -116,7 +116,7 @@ def test_filter_stage_counts_formats_and_warns(tmp_path):
                        verify={"timeout_s": 2.0})
     m = run_stage(filter_stage, cfg, tmp_path / "run", "filter", {"problems": [], "chains": []})
     assert m.rows_in == 13  # 11 rows, one of them two samples, plus the broken line
-    assert m.quarantined == {"missing_trace": 1, "bad_row": 1}
+    assert m.quarantined == {"bad_trace": 1, "bad_row": 1}
     assert m.metrics["trace_formats"] == {"think": 4, "plain": 6, "sky": 1}
     assert m.metrics["verdicts"] == {"correct": 5, "wrong": 1, "truncated": 2, "no_answer": 1, "timeout": 1,
                                      "gold_unparsable": 1}
