@@ -236,17 +236,21 @@ def _read_chains(ctx) -> list[dict[str, Any]]:
     return table.select([c for c in _CHAIN_COLUMNS if c in table.column_names]).to_pylist()
 
 
-def _read_problems(ctx) -> pa.Table:
-    """The run's problems; a run with no ingest step (external chains only, filter.source) has the
-    problems its filter step wrote beside the chains (`<filter>/problems/`)."""
+def problem_dirs(ctx) -> list[Path]:
+    """The folders of the run's problems; a run with no ingest step (external chains only,
+    filter.source) has the problems its filter step wrote beside the chains (`<filter>/problems/`)."""
     dirs = [d for d in ctx.inputs.get("problems", []) if shard_files(d)]
     if dirs:
-        return ctx.read_input("problems")
+        return dirs
     beside = [d / "problems" for d in ctx.input_dirs("chains") if shard_files(d / "problems")]
     if not beside:
         raise FileNotFoundError(f"step {ctx.step!r}: no problems (no ingest step, and the chains input "
                                 f"{[str(d) for d in ctx.input_dirs('chains')]} has no problems table)")
-    return pa.concat_tables([read_table(d) for d in beside], promote_options="default")
+    return beside
+
+
+def _read_problems(ctx) -> pa.Table:
+    return pa.concat_tables([read_table(d) for d in problem_dirs(ctx)], promote_options="default")
 
 
 def _attempted(ctx, problem_ids: list[str], chains: list[dict]) -> set[str]:

@@ -100,7 +100,7 @@ def _bounded(tasks: list, limit: int) -> list:
 def run_streaming(cfg: Any, ctx: Any) -> Manifest:
     import ray
 
-    from filters.curate import _CHAIN_COLUMNS, RETRY, _metrics, system_prompt
+    from filters.curate import _CHAIN_COLUMNS, RETRY, _metrics, problem_dirs, system_prompt
     from pipeline.ray_utils import init_ray
     from pipeline.rundir import read_table
     from pipeline.schema import SFT
@@ -110,9 +110,7 @@ def run_streaming(cfg: Any, ctx: Any) -> Manifest:
     m = ctx.manifest()
     sys_prompt = system_prompt(cfg)
     chain_files = [f for d in ctx.input_dirs("chains") for f in shard_files(d)]
-    prob_files = [f for d in ctx.input_dirs("problems") for f in shard_files(d)]
-    if not prob_files:
-        raise FileNotFoundError(f"step {ctx.step!r}: input 'problems' has no shards")
+    prob_files = [f for d in problem_dirs(ctx) for f in shard_files(d)]
     columns = None
     for f in chain_files:
         have = set(pq.ParquetFile(f).schema_arrow.names)

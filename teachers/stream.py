@@ -390,6 +390,12 @@ def _read_batches(desc: pa.Table, allow: pa.Array | None, skip: dict[int, list[i
         yield from read_problems(d, allow, skip, rows)
 
 
+def read_tasks(cfg: Any) -> int:
+    """Problem reads in flight at once: two per engine worker keep every worker fed (a read yields a
+    worker's batches faster than the worker uses them up) without a process per read."""
+    return max(2, 2 * max(1, cfg.workers))
+
+
 def stream(cfg: Any, ctx: Any, m: Manifest, cache_dir: Path | None, job: type | None = None,
            schema: pa.Schema | None = None) -> tuple[Iterator[pa.Table], int, int, Any]:
     """Start the pipeline: (stats batches, rows expected, rows already written, the attempt folder)."""
@@ -410,10 +416,12 @@ def stream(cfg: Any, ctx: Any, m: Manifest, cache_dir: Path | None, job: type | 
     per_call = max(1, getattr(cfg, "flush_rows", cfg.batch_size) // getattr(cfg, "samples_per_problem", 1))
     units = _read_units(files, max_rows=per_call * 4)
     # One read task per slice of a row group. Reads take no CPU slot: the engine actors may hold every CPU, and a
-    # read that waited for one would never run (Ray Data's streaming backpressure still bounds them).
+    # read that waited for one would never run. A task without a CPU slot has no other bound, though: Ray started
+    # a worker process for nearly every read at once (96 of them, 20 GB of RSS in all, at 100k problems), so at
+    # most `read_tasks(cfg)` run at a time, each process reused for the next read.
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
         _read_batches, fn_kwargs={"allow": allow, "skip": skip, "rows": per_call}, batch_size=1,
-        batch_format="pyarrow", num_cpus=0)
+        batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks(cfg)))
     if cfg.engine.kind == "vllm":
         out = _through_vllm(ds, cfg, plan, per_call)
     else:

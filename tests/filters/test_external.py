@@ -125,9 +125,11 @@ def test_validate_names_a_missing_source(tmp_path):
     assert preflight(FilterConfig()) == []
 
 
-def test_chat_records_alone_filter_and_curate(tmp_path):
+@pytest.mark.parametrize("curate_workers", [0, 1])
+def test_chat_records_alone_filter_and_curate(tmp_path, curate_workers):
     """A file of chat records (OpenAI with reasoning_content, ShareGPT with <thought>, a Kimi-style
-    string) and no ingest step: `r1v run` filters and curates them; the SFT turns carry the reasoning."""
+    string) and no ingest step: `r1v run` filters and curates them (in the driver and bucketed on Ray,
+    both reading the problems the filter step wrote); the SFT turns carry the reasoning."""
     import yaml
 
     from pipeline.cli import main
@@ -144,7 +146,7 @@ def test_chat_records_alone_filter_and_curate(tmp_path):
     cfg = {"run": {"name": "chats", "root": str(tmp_path / "runs")}, "ray": {"num_cpus": 2},
            "filter": {"workers": 0, "source": {"path": str(path),
                                                "columns": {"question": "q", "answer": "gold", "trace": "chat", "id": "id"}}},
-           "curate": {"n_per_problem": 2}}
+           "curate": {"n_per_problem": 2, "workers": curate_workers}}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(cfg_path)]) == 0
