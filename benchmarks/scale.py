@@ -14,7 +14,9 @@ driver_peak_rss_mb = the driver's own peak RSS (getrusage); worker_peak_rss_mb =
 (VmHWM, polled every 0.2 s) among the Ray worker processes under the driver, worker_peak_proc its Ray
 title; that RSS also counts the object-store (shared memory) pages a worker has mapped, so the largest
 peaks of the private part (RssAnon, worker_peak_private_mb) and of the shared part (RssShmem,
-worker_peak_shm_mb) are given apart; spilled_mb = what Ray's memory summary reports as spilled at the end;
+worker_peak_shm_mb) are given apart; workers_total_private_mb = the peak over time of all worker
+processes' private memory together and worker_processes the most of them alive at once (a stage that
+starts a process per task shows there, not in the largest one); spilled_mb = what Ray's memory summary reports as spilled at the end;
 load_avg_1m = the machine's load when the run ended. `--trace FILE` appends every worker's RSS
 (resident, private, shared) every 2 s. `--baseline REV` runs the same sizes with the stage as
 it was at git revision REV (extracted with `git archive`), the driver-side path, in the same session.
@@ -159,6 +161,7 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
     shm: dict[int, float] = {}  # peak resident shared memory per worker: object-store pages it has mapped
     names: dict[int, str] = {}  # a worker's last title (ray::<task or actor>)
     timeline: list[tuple[float, dict[int, float]]] = []  # (s since start, current RSS per worker) every ~2 s
+    total = {"private_mb": 0.0, "processes": 0}  # peaks over time of all workers together
     stop = threading.Event()
     t0 = time.perf_counter()
 
@@ -181,6 +184,8 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
                     snap[k.pid] = _rss_mb(k.pid)
                     anon[k.pid] = max(anon.get(k.pid, 0.0), snap[k.pid][1])
                     shm[k.pid] = max(shm.get(k.pid, 0.0), snap[k.pid][2])
+            total["private_mb"] = max(total["private_mb"], sum(v[1] for v in snap.values()))
+            total["processes"] = max(total["processes"], len(snap))
             if now - last >= 2.0:
                 timeline.append((round(now, 1), snap))
                 last = now
@@ -200,6 +205,8 @@ def measure(code: str, problems: Path, run: Path, args: argparse.Namespace) -> d
     res["worker_peak_proc"] = names.get(top, "ray::worker") if top is not None else None
     res["worker_peak_private_mb"] = round(max(anon.values(), default=0.0), 1)
     res["worker_peak_shm_mb"] = round(max(shm.values(), default=0.0), 1)
+    res["workers_total_private_mb"] = round(total["private_mb"], 1)
+    res["worker_processes"] = total["processes"]
     if args.trace:  # every worker's RSS over time, to tell growth from a plateau
         with open(args.trace, "a") as fh:
             fh.write(json.dumps({"problems_dir": str(problems), "code": code, "names": names,
@@ -250,6 +257,8 @@ def main() -> None:
                    "worker_peak_rss_mb": r["worker_peak_rss_mb"], "spilled_mb": r["spilled_mb"],
                    "worker_peak_private_mb": r["worker_peak_private_mb"],
                    "worker_peak_shm_mb": r["worker_peak_shm_mb"], "worker_peak_proc": r["worker_peak_proc"],
+                   "workers_total_private_mb": r["workers_total_private_mb"],
+                   "worker_processes": r["worker_processes"],
                    "load_avg_1m": round(os.getloadavg()[0], 1),
                    "path": path, "chains": r["chains"], "wall_s": round(r["wall_s"], 2), "cpus": args.cpus,
                    "workers": args.workers}
