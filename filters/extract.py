@@ -218,9 +218,9 @@ def _usable(ans: str | None, gold_word: bool, gold: str | None = None) -> bool:
     if not ans or (not gold_word and is_verdict_word(ans)):
         return False
     if _CLAUSE.match(ans) and not (gold and _CLAUSE.match(gold.strip())):
-        return False
+        return False  # "the answer is in the form \frac{m}{n}": a description, not the answer
     if _DANGLING.search(ans) and not (gold and _DANGLING.search(gold)):
-        return False  # "**Answer:** The number of" (cut off): a sentence that never reached its value  # "the answer is in the form \frac{m}{n}": a description, not the answer
+        return False  # "**Answer:** The number of" (cut off): a sentence that never reached its value
     words = len(_words_only(ans).split())
     long_gold = bool(gold) and len(_words_only(gold).split()) >= 3
     return long_gold or words < 6 or bool(re.search(r"[\d\\^=]", ans))
