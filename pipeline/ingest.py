@@ -264,11 +264,17 @@ class RowError(Exception):
 
 def _iter_jsonl(src: SourceConfig) -> Iterator[tuple[str, dict | RowError]]:
     path = Path(src.path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             ref = f"{path}:{lineno}"
+            try:  # bytes that are not UTF-8 would reach the question or the gold answer as U+FFFD
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield ref, RowError("invalid_utf8", f"{ref}: bytes that are not UTF-8 at byte {e.start} of the line "
+                                                    f"({raw[max(0, e.start - 10):e.end + 10]!r})")
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

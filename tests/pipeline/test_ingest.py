@@ -71,7 +71,7 @@ def _bad_jsonl(tmp_path: Path) -> Path:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (9, 99, 199)).save(buf, format="JPEG")
     (d / "img" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
-    return write_jsonl(d / "p.jsonl", [
+    path = write_jsonl(d / "p.jsonl", [
         {"question": "What is 2+2?", "answer": "4", "images": "img/ok.png"},
         '{"question": "broken line", "answer": ',
         {"question": "Which colour?", "answer": "(B)", "choices": ["red", "blue"], "images": ["img/ok2.png"]},
@@ -84,6 +84,9 @@ def _bad_jsonl(tmp_path: Path) -> Path:
         {"question": "What is 2+2?", "answer": "4", "images": "img/ok.png"},
         {"question": "Which is blue?", "answer": "blue", "choices": ["(A) red", "(B) blue"]},
     ])
+    with open(path, "ab") as f:  # a Latin-1 degree sign: line 12 is not UTF-8
+        f.write(b'{"question": "An angle of 90\xb0?", "answer": "90"}\n')
+    return path
 
 
 def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_local):
@@ -91,15 +94,17 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_local):
     cfg = write_config(tmp_path, {"ingest": {"sources": [{"kind": "jsonl", "path": str(path)}]}})
     runner, res = run_config(cfg)
     m: Manifest = res["ingest"]
-    assert m.rows_in == 11
+    assert m.rows_in == 12
     assert m.kept == 3
     assert m.dropped == {"duplicate": 1}
-    assert m.quarantined == {"bad_json": 1, "corrupt_image": 3, "missing_image": 1, "missing_answer": 2}
+    assert m.quarantined == {"bad_json": 1, "corrupt_image": 3, "missing_image": 1, "missing_answer": 2,
+                             "invalid_utf8": 1}
     quar = read_rows(runner.run_dir / "ingest" / "quarantine")
-    assert len(quar) == 7
+    assert len(quar) == 8
     assert any("cut.jpg" in q["error"] and "runcated" in q["error"] for q in quar)
     by_reason = {q["reason"]: q for q in quar}
     assert f"{path}:2" in by_reason["bad_json"]["error"]
+    assert f"{path}:12" in by_reason["invalid_utf8"]["error"] and "\\xb0" in by_reason["invalid_utf8"]["error"]
     assert "nope.png" in by_reason["missing_image"]["error"]
     assert any("corrupt.png" in q["error"] for q in quar if q["reason"] == "corrupt_image")
     kept = read_rows(runner.run_dir / "ingest")
