@@ -239,7 +239,7 @@ def _read_chains(ctx) -> list[dict[str, Any]]:
 def problem_dirs(ctx) -> list[Path]:
     """The folders of the run's problems; a run with no ingest step (external chains only,
     filter.source) has the problems its filter step wrote beside the chains (`<filter>/problems/`)."""
-    dirs = [d for d in ctx.inputs.get("problems", []) if shard_files(d)]
+    dirs = [d for d in (ctx.input_dirs("problems") if "problems" in ctx.inputs else []) if shard_files(d)]
     if dirs:
         return dirs
     beside = [d / "problems" for d in ctx.input_dirs("chains") if shard_files(d / "problems")]

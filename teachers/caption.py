@@ -107,7 +107,7 @@ def output_schema(files: list[Path]) -> pa.Schema:
 class CaptionJob:
     """The caption stage's part of teachers/stream.py's skeleton: problems → problems shards."""
 
-    table, id_column = "problems", "problem_id"
+    table, id_column, unit = "problems", "problem_id", "problems"
 
     def __init__(self, plan: Any) -> None:
         self.plan, self.cfg = plan, plan.cfg

@@ -170,7 +170,7 @@ def write_chains(rows: list[dict[str, Any]], plan: _Plan, engine_rows: int, hits
 class GenerateJob:
     """The generate stage's part of the skeleton: problems → k samples → chains shards."""
 
-    table, id_column = "chains", "chain_id"
+    table, id_column, unit = "chains", "chain_id", "samples"  # unit: what the progress line counts
 
     def __init__(self, plan: _Plan) -> None:
         self.plan = plan
@@ -474,15 +474,15 @@ def run_streaming(cfg: Any, ctx: Any, m: Manifest, cache_dir: Path | None, job: 
     job = job or GenerateJob
     batches, expected, resumed, attempt = stream(cfg, ctx, m, cache_dir, job, schema)
     m.rows_in += expected
-    log.info("%s: %d rows expected, %d resumed from written shards, %d to do with %s (%s), streamed "
-             "through %d worker(s)", ctx.stage, expected, resumed, expected - resumed, cfg.engine.kind,
+    log.info("%s: %d %s expected, %d resumed from written shards, %d to do with %s (%s), streamed "
+             "through %d worker(s)", ctx.stage, expected, job.unit, resumed, expected - resumed, cfg.engine.kind,
              cfg.engine.teacher_name(), cfg.workers)
     acct: dict[str, Any] = {"engine": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0,
                             "engine_completion_tokens": 0, "retries": 0, "errors": Counter(), "finish": Counter(),
                             "counts": Counter(), "nodes": Counter(), "written": 0, "first_at": None,
                             "first_tokens": 0, "t0": time.perf_counter(), "resumed": resumed, "expected": expected}
     try:
-        with Progress(ctx.stage, total=expected - resumed, unit="rows", logger=log) as progress:
+        with Progress(ctx.stage, total=expected - resumed, unit=job.unit, logger=log) as progress:
             try:
                 for b in batches:
                     for row in b.to_pylist():
