@@ -3,23 +3,17 @@ table as the in-driver path, resumable after SIGKILL."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from pipeline.cli import main
-from pipeline.rundir import MANIFEST, Manifest, read_table, shard_files
+from pipeline.rundir import Manifest, read_table, shard_files
 from teachers.caption import CaptionConfig
 from teachers.caption import run as run_caption
+from tests.pipeline.helpers import kill_run_after
 
 from .conftest import make_ctx, synthetic_problems, write_problems
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _by_id(directory: Path) -> dict[str, dict]:
@@ -76,16 +70,8 @@ def _config(tmp_path: Path, gcs_address: str) -> Path:
 
 def test_sigkill_mid_caption_then_resume(tmp_path, ray_local):
     cfg_path = _config(tmp_path, ray_local.get_runtime_context().gcs_address)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step = tmp_path / "runs" / "kill" / "caption"
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(step.glob("part-*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (step / MANIFEST).exists(), "the run finished before it was killed: make it slower"
+    kill_run_after(cfg_path, step, shards=2)
     before = _by_id(step)
     assert 0 < len(before) < 40
 

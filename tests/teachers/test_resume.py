@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from pipeline.cli import main
-from pipeline.rundir import MANIFEST, Manifest
+from pipeline.rundir import Manifest
 from teachers.generate import GenerateConfig, run
+from tests.pipeline.helpers import kill_run_after
 
 from .conftest import chains_by_id, make_ctx, strip_timing
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path: Path, gcs_address: str) -> Path:
@@ -43,16 +37,8 @@ def _config(tmp_path: Path, gcs_address: str) -> Path:
 
 def test_sigkill_mid_generation_then_resume(tmp_path, ray_local):
     cfg_path = _config(tmp_path, ray_local.get_runtime_context().gcs_address)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step = tmp_path / "runs" / "kill" / "generate"
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(step.glob("part-*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (step / MANIFEST).exists(), "the run finished before it was killed: make it slower"
+    kill_run_after(cfg_path, step, shards=3)
     written_before = len(chains_by_id(step))
     assert 0 < written_before < 120
 

@@ -4,11 +4,6 @@ missing and every chain is written exactly once."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +13,14 @@ pytest.importorskip("vllm", reason="vLLM runs in its own venv (make venv-vllm)")
 import yaml  # noqa: E402
 
 from pipeline.cli import main  # noqa: E402
-from pipeline.rundir import MANIFEST, Manifest  # noqa: E402
+from pipeline.rundir import Manifest  # noqa: E402
+from tests.pipeline.helpers import kill_run_after  # noqa: E402
 from tests.teachers.conftest import chains_by_id  # noqa: E402
 
 from .conftest import ENGINE_KW, text_problems  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 N, K = 16, 4
 
 
@@ -57,16 +52,8 @@ def _config(tmp_path: Path, gcs_address: str, model: Path) -> Path:
 def test_sigkill_mid_vllm_generation_then_resume(tmp_path, ray_gpu, r1_model):
     cfg_path = _config(tmp_path, ray_gpu.get_runtime_context().gcs_address, r1_model)
     log = tmp_path / "child.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], cwd=REPO,
-                                env=dict(os.environ), stdout=f, stderr=subprocess.STDOUT)
     step = tmp_path / "runs" / "kill" / "generate"
-    deadline = time.time() + 900
-    while time.time() < deadline and len(list(step.glob("part-*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (step / MANIFEST).exists(), "the run finished before it was killed: " + log.read_text()[-2000:]
+    kill_run_after(cfg_path, step, shards=2, timeout=900, log=log)
     before = chains_by_id(step)
     assert 0 < len(before) < N * K, log.read_text()[-2000:]
 
