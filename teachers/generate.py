@@ -208,9 +208,13 @@ def _chain_row(req: dict[str, Any], res: GenResult) -> dict[str, Any]:
     }
 
 
+# what a generation-cache entry holds: these GenResult fields (a chain row names `text` `completion`)
+CACHED_FIELDS = ("text", "reasoning", "response", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s",
+                 "simulated")
+
+
 def _result_from_cache(entry: dict[str, Any]) -> GenResult:
-    return GenResult(**{k: entry.get(k) for k in ("text", "reasoning", "response", "finish_reason", "prompt_tokens",
-                                                  "completion_tokens", "latency_s", "simulated")})
+    return GenResult(**{k: entry.get(k) for k in CACHED_FIELDS})
 
 
 # ---------------------------------------------------------------- the per-batch worker
@@ -468,12 +472,7 @@ def _run_in_driver(cfg: GenerateConfig, ctx: Any, m: Manifest) -> Manifest:
 def _cache_put(cache: GenerationCache, keys: dict[str, str], batch: pa.Table) -> None:
     for row in batch.to_pylist():
         if row["error"] is None:
-            cache.put(keys[row["chain_id"]], {
-                "text": row["completion"], "reasoning": row["reasoning"], "response": row["response"],
-                "finish_reason": row["finish_reason"], "prompt_tokens": row["prompt_tokens"],
-                "completion_tokens": row["completion_tokens"], "latency_s": row["latency_s"],
-                "simulated": row["simulated"],
-            })
+            cache.put(keys[row["chain_id"]], {k: row["completion" if k == "text" else k] for k in CACHED_FIELDS})
 
 
 def _steady(acct: _Accounting) -> float:

@@ -141,11 +141,10 @@ def prepare(batch: pa.Table, plan: _Plan, done: set[str], cache: GenerationCache
 
 def cache_store(cache: GenerationCache, key: str, res: GenResult) -> None:
     """A successful engine result into the generation cache."""
+    from teachers.generate import CACHED_FIELDS
+
     if res.error is None and key:
-        cache.put(key, {"text": res.text, "reasoning": res.reasoning, "response": res.response,
-                        "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-                        "completion_tokens": res.completion_tokens, "latency_s": res.latency_s,
-                        "simulated": res.simulated})
+        cache.put(key, {k: getattr(res, k) for k in CACHED_FIELDS})
 
 
 def write_chains(rows: list[dict[str, Any]], plan: _Plan, engine_rows: int, hits: int) -> dict[str, Any]:
